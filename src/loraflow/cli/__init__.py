@@ -1,0 +1,58 @@
+"""`loraflow` console script: one CLI, a module per command group. Each module's `register`
+only declares arguments; handlers import torch/boto3 lazily so `loraflow config show` is instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+from loraflow.errors import LoraflowError
+
+# Command-group modules under loraflow.cli, each with register(subparsers).
+COMMAND_MODULES = ["config"]
+
+
+def add_settings_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML settings file")
+    parser.add_argument("--set", dest="overrides", metavar="K=V", action="append", default=[],
+                        help="override one setting, e.g. --set training.max_steps=7 (repeatable)")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from loraflow.settings import load_settings
+
+    return load_settings(args.config, args.overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"loraflow.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from loraflow.log import setup_console
+
+    setup_console(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        return int(args.handler(args) or 0)
+    except LoraflowError as exc:
+        if args.verbose or os.environ.get("LORAFLOW_TRACEBACK"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

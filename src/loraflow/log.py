@@ -1,0 +1,24 @@
+"""The `loraflow` logger. The library logs through it and never imports Prefect; Prefect shows the
+same lines in its UI when `PREFECT_LOGGING_EXTRA_LOGGERS=loraflow` (the flows set it)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+LOGGER_NAME = "loraflow"
+
+
+def get_logger(name: str = "") -> logging.Logger:
+    return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
+
+
+def setup_console(level: int = logging.INFO) -> None:
+    """Terminal output for the CLI: one handler on the package logger, idempotent."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(level)
+    if not any(getattr(h, "_loraflow", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._loraflow = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)

@@ -1,0 +1,234 @@
+"""Typed settings: the seed notebook's recipe as defaults, nested the way the libraries they feed
+name things (peft's LoraConfig, transformers' TrainingArguments), so users recognise every key.
+
+Precedence, lowest to highest: defaults < YAML file (``--config``) < environment
+(``LORAFLOW_`` prefix, ``__`` between levels) < command-line overrides (``--set a.b=V``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from loraflow.errors import ConfigError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class _Section(BaseModel):
+    # A typo in a key must be an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    name_or_path: str = Field("microsoft/DialoGPT-medium", min_length=1,
+                              description="Hub id, local directory, or s3:// prefix of the base model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "bfloat16", description="Weights dtype on an accelerator; a CPU always resolves to float32.")
+    device_map: str | None = "auto"
+    trust_remote_code: bool = False
+
+
+class DataSettings(_Section):
+    source: str = Field("imdb", min_length=1,
+                        description="Hub dataset id, local file/folder, or s3:// prefix.")
+    config_name: str | None = Field(None, description="Hub dataset configuration name.")
+    text_column: str = Field("text", min_length=1)
+    train_split: str = "train"
+    eval_split: str | None = Field("test", description="Used when the source has it; else eval_size is held out.")
+    eval_size: float = Field(0.05, gt=0, lt=1, description="Fraction held out when the source has no eval split.")
+    max_train_samples: int | None = Field(None, gt=0)
+    max_eval_samples: int | None = Field(None, gt=0)
+    max_length: int = Field(512, gt=1)
+    packing: bool = Field(True, description="Concatenate documents into max_length blocks (no attention across documents).")
+    clean_html: bool = Field(True, description="Turn IMDB's <br /> markup into newlines.")
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, gt=0)
+    lora_alpha: float = Field(32, gt=0)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    task_type: Literal["CAUSAL_LM"] = "CAUSAL_LM"
+    target_modules: list[str] = Field(default_factory=lambda: ["c_attn", "c_proj"], min_length=1)
+
+
+class TrainingSettings(_Section):
+    output_dir: str = "./lora-dialogpt"
+    num_train_epochs: float = Field(1, gt=0)
+    per_device_train_batch_size: int = Field(4, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    max_steps: int = Field(1000, description="-1 trains for num_train_epochs instead.")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps_sign(cls, value: int) -> int:
+        if value == 0 or value < -1:
+            raise ValueError("must be positive, or -1 to train for num_train_epochs")
+        return value
+
+    learning_rate: float = Field(2e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler_type: str = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)
+    fp16: bool = Field(True, description="The seed's flag: use fp16 where no bf16 is available on a GPU.")
+    bf16: bool = False
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16), fp32 on CPU.")
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(25, gt=0)
+    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    save_steps: int = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+    seed: int = 42
+    dataloader_num_workers: int = Field(0, ge=0)
+
+
+class StorageSettings(_Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS S3.")
+    bucket: str = "loraflow"
+    prefix: str = ""
+    region: str | None = None
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _standard_aws_variables(self) -> StorageSettings:
+        # Fall back to the variables every S3 tool reads, so one set of credentials serves all.
+        for field, var in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"),
+                           ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+                           ("aws_session_token", "AWS_SESSION_TOKEN")):
+            if getattr(self, field) is None and os.environ.get(var):
+                object.__setattr__(self, field, SecretStr(os.environ[var]))
+        if self.region is None:
+            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+            if region:
+                object.__setattr__(self, "region", region)
+        if self.endpoint_url is None and os.environ.get("AWS_ENDPOINT_URL_S3"):
+            object.__setattr__(self, "endpoint_url", os.environ["AWS_ENDPOINT_URL_S3"])
+        return self
+
+
+class RegistrySettings(_Section):
+    adapter_name: str = Field("dialogpt-imdb", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+    aliases: list[str] = Field(default_factory=lambda: ["latest"], description="Moved on every publish.")
+    promote_alias: str = Field("champion", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    promotion_metric: Literal["adapter_ppl"] = "adapter_ppl"
+    promotion_margin: float = Field(
+        0.0, ge=0, description="Relative: the new ppl must be <= champion ppl * (1 + margin).")
+    gc_grace_seconds: int = Field(3600, ge=0)
+
+
+class PrefectSettings(_Section):
+    train_deployment: str | None = Field(
+        None, description="'flow/deployment' to run training on a GPU work pool; None trains in-process.")
+
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loraflow_yaml_file", default=None)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LORAFLOW_", env_nested_delimiter="__", extra="forbid", validate_assignment=True,
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        yaml_path = _yaml_file.get()
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-able dump with every secret masked (for logs, manifests, `config show`)."""
+        return self.model_dump(mode="json")  # SecretStr serialises as '**********'
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"{path}: {msg}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=V` -> (['a','b'], V); V is read as a YAML scalar or flow list (7, 2e-4, [q_proj,v_proj])."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _nest(overrides: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(path)} is not a section")
+        node[path[-1]] = value
+    return tree
+
+
+def load_settings(config: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                  **sections: Any) -> Settings:
+    """Resolve settings from every source; raise ConfigError naming each bad field."""
+    path = None
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    init = _nest(overrides or [])
+    for name, value in sections.items():
+        init.setdefault(name, {}).update(value)
+    token = _yaml_file.set(path)
+    try:
+        return Settings(**init)
+    except ValidationError as err:
+        where = f" (from {path})" if path else ""
+        raise ConfigError(format_validation_error(err) + where) from None
+    finally:
+        _yaml_file.reset(token)

@@ -1,0 +1,43 @@
+"""Shared fixtures. Area fixtures live in tests/fixtures_*.py, listed in pytest_plugins."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network; Prefect must not phone home.
+for var, value in {
+    "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
+    "PIP_NO_INDEX": "1",
+}.items():
+    os.environ.setdefault(var, value)
+
+sys.path.insert(0, str(Path(__file__).parent))
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest_plugins: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random-weight 2-layer GPT-2 (DialoGPT architecture) with the real GPT-2 tokenizer."""
+    from loraflow.testing import make_gpt2_model_dir
+
+    return make_gpt2_model_dir(tmp_path_factory.mktemp("tiny-gpt2"), "tiny")
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Run the `loraflow` CLI in-process; returns (exit code, stdout, stderr)."""
+    from loraflow.cli import main
+
+    def run(*argv: str):
+        code = main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
