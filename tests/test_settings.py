@@ -85,3 +85,10 @@ def test_list_override_and_secret_masking(monkeypatch, cli):
 def test_missing_config_file_is_a_clear_error(cli, tmp_path):
     code, _, err = cli("config", "validate", "--config", str(tmp_path / "nope.yaml"))
     assert code == 2 and "nope.yaml" in err
+
+
+def test_path_settings_expand_loraflow_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("LORAFLOW_HOME", str(tmp_path))
+    s = load_settings(overrides=["model.name_or_path=${LORAFLOW_HOME}/models/m", "data.source=imdb"])
+    assert s.model.name_or_path == f"{tmp_path}/models/m"
+    assert s.data.source == "imdb"  # hub ids pass through untouched

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextvars
 import os
+import string
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from loraflow.errors import ConfigError
 from pydantic_settings import (
     BaseSettings,
@@ -23,13 +24,28 @@ from pydantic_settings import (
 )
 
 
+def expand_path_vars(value: str) -> str:
+    """`~` and `${VAR}` in path-like settings, so one YAML serves every machine; `LORAFLOW_HOME`
+    resolves to its default (`~/.cache/loraflow`) when unset. Hub ids and s3:// URIs pass through."""
+    if "$" not in value and not value.startswith("~"):
+        return value
+    env = dict(os.environ)
+    env.setdefault("LORAFLOW_HOME", str(Path("~/.cache/loraflow").expanduser()))
+    expanded = os.path.expanduser(string.Template(value).safe_substitute(env))
+    return expanded
+
+
+# A path-like setting: `~` and `${VAR}` expanded after validation.
+PathSetting = Annotated[str, AfterValidator(expand_path_vars)]
+
+
 class _Section(BaseModel):
     # A typo in a key must be an error, not a silently ignored setting.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSettings(_Section):
-    name_or_path: str = Field("microsoft/DialoGPT-medium", min_length=1,
+    name_or_path: PathSetting = Field("microsoft/DialoGPT-medium", min_length=1,
                               description="Hub id, local directory, or s3:// prefix of the base model.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
@@ -39,7 +55,7 @@ class ModelSettings(_Section):
 
 
 class DataSettings(_Section):
-    source: str = Field("imdb", min_length=1,
+    source: PathSetting = Field("imdb", min_length=1,
                         description="Hub dataset id, local file/folder, or s3:// prefix.")
     config_name: str | None = Field(None, description="Hub dataset configuration name.")
     text_column: str = Field("text", min_length=1)
@@ -63,7 +79,7 @@ class LoraSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    output_dir: str = "./lora-dialogpt"
+    output_dir: PathSetting = "./lora-dialogpt"
     num_train_epochs: float = Field(1, gt=0)
     per_device_train_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
