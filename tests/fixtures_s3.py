@@ -1,0 +1,64 @@
+"""A real S3 server for the tests: `rclone serve s3` on a free loopback port over a temporary
+directory (buckets are folders in `s3_server.root`, objects are files)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Session-wide local S3 server: .endpoint_url, .access_key, .secret_key, .root."""
+    from loraflow.registry.server import LocalS3Server
+
+    root = tmp_path_factory.mktemp("s3-root")
+    server = LocalS3Server(root, "127.0.0.1:0", access_key="loraflow-test",
+                           secret_key="test-secret-" + secrets.token_hex(8),
+                           log_file=root.parent / "rclone-s3.log")
+    with server:
+        yield server
+
+
+def s3_settings_for(server, bucket: str, **sections):
+    from loraflow.settings import load_settings
+
+    return load_settings(storage=server.storage_overrides(bucket), **sections)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh, empty bucket on the session server."""
+    bucket = "t-" + secrets.token_hex(6)
+    if not s3_server.running():  # a fault test may have killed it
+        s3_server.start()
+    (s3_server.root / bucket).mkdir()
+    return bucket
+
+
+@pytest.fixture
+def s3_settings(s3_server, s3_bucket):
+    """Settings whose `storage` points at the local server with a fresh bucket."""
+    return s3_settings_for(s3_server, s3_bucket)
+
+
+def make_adapter_dir(dest: Path, base_model_dir: Path, *, r: int = 4, seed: int = 0) -> Path:
+    """A real PEFT LoRA adapter (safetensors) on the tiny GPT-2, as `save_pretrained` writes it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj"],
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+    model.save_pretrained(dest)
+    return Path(dest)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A LoRA adapter (r=4, c_attn/c_proj, non-zero B so it changes the logits) on `tiny_model_dir`."""
+    return make_adapter_dir(tmp_path_factory.mktemp("tiny-adapter"), tiny_model_dir)
