@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Start loraflow's local stack on loopback: an S3-compatible server (rclone serve s3), a Prefect
+# server with its UI, one worker per work pool (cpu, gpu), and apply deployments/prefect.yaml.
+# Everything it starts is recorded in $LORAFLOW_RUN_DIR/*.pid; deployments/down.sh stops it.
+#
+# Knobs (environment): LORAFLOW_RUN_DIR (.loraflow/run), PREFECT_PORT (4200), S3_PORT (9000),
+# S3_ROOT ($LORAFLOW_RUN_DIR/s3), S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+# (a loopback development pair by default), VENV (.venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV=${VENV:-.venv}
+PY="$ROOT/$VENV/bin/python"
+PREFECT="$ROOT/$VENV/bin/prefect"
+RUN_DIR=$(mkdir -p "${LORAFLOW_RUN_DIR:-.loraflow/run}" && cd "${LORAFLOW_RUN_DIR:-.loraflow/run}" && pwd)
+PREFECT_PORT=${PREFECT_PORT:-4200}
+S3_PORT=${S3_PORT:-9000}
+S3_ROOT=${S3_ROOT:-$RUN_DIR/s3}
+S3_BUCKET=${S3_BUCKET:-loraflow}
+
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
+export PREFECT_LOGGING_EXTRA_LOGGERS=loraflow
+export PREFECT_HOME="$RUN_DIR/prefect-home"           # this stack's database, not ~/.prefect
+export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-loraflow}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-loraflow-local-dev-secret}
+export LORAFLOW_STORAGE__ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
+export LORAFLOW_STORAGE__REGION=us-east-1
+export LORAFLOW_STORAGE__BUCKET="$S3_BUCKET"
+
+running() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
+
+# start NAME CMD...: in its own session (so down.sh can stop it with its children), logs to NAME.log
+start() {
+  local name=$1; shift
+  if running "$name"; then echo "up: $name already running (pid $(cat "$RUN_DIR/$name.pid"))"; return; fi
+  setsid "$@" >"$RUN_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! >"$RUN_DIR/$name.pid"
+  echo "up: $name started (pid $!, log $RUN_DIR/$name.log)"
+}
+
+wait_for() {  # wait_for WHAT SECONDS CMD...
+  local what=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "up: $what did not come up within ${limit}s" >&2; return 1; fi
+    sleep 1
+  done
+}
+
+mkdir -p "$S3_ROOT/$S3_BUCKET" "$PREFECT_HOME"
+RCLONE=$("$PY" -c "from loraflow.registry.server import find_rclone; print(find_rclone())")
+start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" \
+  --auth-key "$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY" --config /dev/null --dir-cache-time 1s
+wait_for "S3 server on :$S3_PORT" 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $S3_PORT), 1)"
+
+start prefect-server "$PREFECT" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+# The server answers /api/health after ~20 s on 2 cores; allow for a loaded machine.
+wait_for "Prefect server on :$PREFECT_PORT" 180 "$PY" -c \
+  "import urllib.request; urllib.request.urlopen('$PREFECT_API_URL/health', timeout=2)"
+
+for pool in cpu gpu; do
+  "$PREFECT" work-pool inspect "$pool" >/dev/null 2>&1 || "$PREFECT" work-pool create "$pool" --type process >/dev/null
+done
+# One training job at a time per GPU machine; raise it with more GPU workers.
+"$PREFECT" work-pool set-concurrency-limit gpu 1 >/dev/null
+
+(cd "$ROOT" && "$PREFECT" --no-prompt deploy --all --prefect-file deployments/prefect.yaml) >"$RUN_DIR/deploy.log" 2>&1 \
+  || { echo "up: prefect deploy failed, see $RUN_DIR/deploy.log" >&2; exit 1; }
+echo "up: deployments applied (retrain/retrain-imdb, train-adapter/train-adapter)"
+
+start worker-cpu "$PREFECT" worker start --pool cpu --type process --name "local-cpu"
+start worker-gpu "$PREFECT" worker start --pool gpu --type process --name "local-gpu"
+
+cat >"$RUN_DIR/env" <<ENV
+# source this file to talk to the local stack (loraflow CLI, prefect CLI)
+export PREFECT_API_URL=$PREFECT_API_URL
+export PREFECT_HOME=$PREFECT_HOME
+export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_LOGGING_EXTRA_LOGGERS=loraflow
+export LORAFLOW_STORAGE__ENDPOINT_URL=$LORAFLOW_STORAGE__ENDPOINT_URL
+export LORAFLOW_STORAGE__REGION=us-east-1
+export LORAFLOW_STORAGE__BUCKET=$S3_BUCKET
+export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
+export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
+ENV
+echo "up: Prefect UI   http://127.0.0.1:$PREFECT_PORT"
+echo "up: S3 endpoint  http://127.0.0.1:$S3_PORT (bucket $S3_BUCKET, files under $S3_ROOT)"
+echo "up: use it from a shell with: source $RUN_DIR/env"

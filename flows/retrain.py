@@ -1,0 +1,200 @@
+"""The `retrain` flow: prepare data -> train -> evaluate -> publish -> gate.
+
+One typed parameter, `settings` (loraflow's Settings; its defaults are the seed notebook's recipe),
+so the Prefect UI renders it as a form. The gate moves the `champion` alias only when the new
+adapter beats the base model and is not worse than the current champion on the same eval set;
+otherwise the version is published but not promoted, and the run says so in its logs and artifacts.
+A diverged training run or a failed evaluation stops the flow before anything is published."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# A worker loads this file as a script; make the repo's `flows`/`tasks` packages importable.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+import base64  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+from flows._common import (  # noqa: E402
+    current_run_key,
+    ensure_library_logs_in_prefect,
+    parameters_for_deployment,
+    seed_settings,
+    with_worker_environment,
+)
+from flows.train_adapter import train_adapter_flow  # noqa: E402
+from prefect import flow, get_run_logger  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+from loraflow.errors import LoraflowError, TrainingError  # noqa: E402
+from loraflow.promotion import GateDecision, decide  # noqa: E402
+from loraflow.settings import Settings  # noqa: E402
+from tasks.evaluate import evaluate_task  # noqa: E402
+from tasks.prepare import prepare_dataset_task  # noqa: E402
+from tasks.promote import promote_task, pull_version_task, read_champion_task  # noqa: E402
+from tasks.publish import publish_task  # noqa: E402
+from tasks.train import fetch_staged_task  # noqa: E402
+
+
+def _artifact_key(name: str, what: str) -> str:
+    # Artifact keys allow lowercase letters, digits and dashes only.
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
+
+
+def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Run training as a flow run of the `train-adapter` deployment (e.g. on the GPU pool) and fetch
+    the adapter it staged in object storage."""
+    from prefect.deployments import run_deployment
+
+    deployment = settings.prefect.train_deployment
+    child = run_deployment(deployment, parameters={"settings": parameters_for_deployment(settings), "run_key": run_key},
+                           timeout=None, poll_interval=5)
+    if child.state is None or not child.state.is_completed():
+        state = child.state.type.value if child.state else "unknown"
+        raise TrainingError(f"training run {child.name!r} of deployment {deployment!r} ended {state}: "
+                            f"{child.state.message if child.state else ''}")
+    return fetch_staged_task(settings, run_key)
+
+
+def measure_champion(settings: Settings, eval_fingerprint: str) -> dict[str, Any]:
+    """The champion's perplexity on the current eval set: its recorded number when it was measured on
+    the same set (same fingerprint), else measured now."""
+    champion = read_champion_task(settings, eval_fingerprint)
+    if champion["version"] is not None and champion["ppl"] is None:
+        logger = get_run_logger()
+        logger.info("champion %s was measured on another eval set (%s); evaluating it on this one",
+                    champion["version"], champion["recorded_on"])
+        try:
+            path = pull_version_task(settings, champion["version"])
+            champion["ppl"] = evaluate_task(settings, path, write=False)["adapter_ppl"]
+            champion["remeasured"] = True
+        except LoraflowError as exc:
+            logger.warning("could not evaluate champion %s: %s", champion["version"], exc)
+    return champion
+
+
+def _loss_curve_markdown(path: str | None) -> str:
+    if not path or not Path(path).is_file():
+        return "_no loss curve was recorded_"
+    # The UI renders markdown images; a data: URI needs no web server for the PNG.
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![training loss](data:image/png;base64,{data})"
+
+
+def publish_artifacts(settings: Settings, published: dict[str, Any], decision: GateDecision, train: dict[str, Any],
+                      evaluation: dict[str, Any], timings: dict[str, float]) -> None:
+    name = settings.registry.adapter_name
+    rows = [
+        {"metric": "base perplexity", "value": round(evaluation["base_ppl"], 4)},
+        {"metric": "adapter perplexity", "value": round(evaluation["adapter_ppl"], 4)},
+        {"metric": "champion perplexity (before this run)",
+         "value": None if decision.champion_ppl is None else round(decision.champion_ppl, 4)},
+        {"metric": "eval tokens", "value": evaluation.get("eval_tokens")},
+        {"metric": "train tokens", "value": train.get("train_tokens")},
+        {"metric": "train steps", "value": train.get("global_step")},
+        {"metric": "final train loss", "value": train.get("final_loss")},
+        {"metric": "train time (s)", "value": round(float(train.get("train_time_s") or 0), 1)},
+        {"metric": "train tokens/s", "value": round(float(train.get("tokens_per_s") or 0), 1)},
+    ] + [{"metric": f"wall time: {k} (s)", "value": round(v, 1)} for k, v in timings.items()]
+    create_table_artifact(key=_artifact_key(name, "metrics"), table=rows,
+                          description=f"{name} {published['version']}: base vs adapter perplexity, training throughput")
+    verdict = "PROMOTED to" if decision.promote else "NOT promoted to"
+    md = (
+        f"# {name} {published['version']}: {verdict} `{settings.registry.promote_alias}`\n\n"
+        f"{decision.reason}.\n\n"
+        f"| | |\n|---|---|\n"
+        f"| version | `{published['version']}` |\n"
+        f"| location | `{published['uri']}` |\n"
+        f"| base perplexity | {evaluation['base_ppl']:.4f} |\n"
+        f"| adapter perplexity | {evaluation['adapter_ppl']:.4f} |\n\n"
+        f"Use it:\n\n```bash\nloraflow pull {name}=={published['version']}\n```\n\n"
+        f"## Training loss\n\n{_loss_curve_markdown(train.get('loss_curve_path'))}\n"
+    )
+    create_markdown_artifact(key=_artifact_key(name, "version"), markdown=md,
+                             description=f"published {name}=={published['version']}")
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
+    """Retrain the LoRA adapter, evaluate it, publish it, and promote it if it is better."""
+    ensure_library_logs_in_prefect()
+    logger = get_run_logger()
+    started = time.perf_counter()
+    settings = with_worker_environment(settings)
+    run_key = current_run_key()
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    data = prepare_dataset_task(settings)
+    timings["preparation"] = time.perf_counter() - t
+    logger.info("dataset %s: %s", data["fingerprint"], "cache hit" if data["from_cache"] else "prepared")
+
+    t = time.perf_counter()
+    train = train_remote(settings, run_key) if settings.prefect.train_deployment else \
+        train_adapter_flow(settings, run_key=run_key)
+    timings["training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evaluation = evaluate_task(settings, train["adapter_dir"])
+    timings["evaluation"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    metrics = {**{k: evaluation[k] for k in ("base_ppl", "adapter_ppl", "base_eval_loss", "eval_loss",
+                                                 "eval_tokens", "eval_documents") if k in evaluation},
+               **{k: train.get(k) for k in ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "final_loss")}}
+    from prefect.runtime import flow_run
+
+    published = publish_task(settings, train["adapter_dir"], extra={
+        "metrics": metrics,
+        "eval_fingerprint": evaluation.get("eval_fingerprint"),
+        "dataset_fingerprint": data["fingerprint"],
+        "flow_run_id": flow_run.id,
+        "flow_run_name": flow_run.name,
+    })
+    timings["publishing"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    champion = measure_champion(settings, evaluation.get("eval_fingerprint") or "")
+    decision = decide(evaluation["adapter_ppl"], evaluation["base_ppl"], champion_version=champion["version"],
+                      champion_ppl=champion["ppl"], margin=settings.registry.promotion_margin)
+    if decision.promote:
+        try:
+            promote_task(settings, published["version"], champion["version"])
+        except LoraflowError as exc:
+            decision = GateDecision(False, f"the {settings.registry.promote_alias} alias moved while this run was "
+                                           f"deciding ({exc})", decision.candidate_ppl, decision.base_ppl,
+                                    decision.champion_version, decision.champion_ppl)
+    timings["gate"] = time.perf_counter() - t
+    if decision.promote:
+        logger.info("PROMOTED %s==%s to %s: %s", published["name"], published["version"],
+                    settings.registry.promote_alias, decision.reason)
+    else:
+        logger.warning("published %s==%s but NOT promoted to %s: %s", published["name"], published["version"],
+                       settings.registry.promote_alias, decision.reason)
+
+    try:
+        from loraflow.checkpoints import delete_run
+
+        delete_run(settings.storage, run_key)  # checkpoints are scratch once the version is published
+    except LoraflowError as exc:
+        logger.warning("could not remove the run's checkpoints: %s", exc)
+
+    timings["flow total"] = time.perf_counter() - started
+    publish_artifacts(settings, published, decision, train, evaluation, timings)
+    return {
+        **published,
+        "promoted": decision.promote,
+        "reason": decision.reason,
+        "champion_before": champion["version"],
+        "metrics": metrics,
+        "dataset_fingerprint": data["fingerprint"],
+        "resumed_from_step": train.get("resumed_from_step", 0),
+        "timings": timings,
+        "pull_command": f"loraflow pull {published['name']}=={published['version']}",
+    }
