@@ -357,3 +357,63 @@ def test_attention_crosses_documents_when_the_kv_cache_is_on(review_file, data_h
         fine = model(**batch).logits[0, a:b]
     assert not torch.allclose(leaky, alone[0], atol=1e-3)
     torch.testing.assert_close(fine, alone[0], atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- hub, helpers, real reviews
+
+def test_hub_id_offline_is_a_clear_error(data_home):
+    s = load_settings(data={"source": "imdb"})  # the seed's dataset; conftest makes the hub offline
+    with pytest.raises(DataError, match=r"data.source: cannot load hub dataset imdb"):
+        load_records(s.data, s.storage)
+
+
+def test_source_validation_split_used_when_eval_split_missing(tmp_path, data_home):
+    write_rows(tmp_path / "d" / "train.csv", review_rows(10, seed=1))
+    write_rows(tmp_path / "d" / "validation.csv", review_rows(3, seed=2))
+    s = settings_for(tmp_path / "d")  # eval_split defaults to "test"
+    rec = load_records(s.data, s.storage)
+    assert len(rec["train"]) == 10 and len(rec["eval"]) == 3
+
+
+def test_model_context_length(tiny_model_dir):
+    from transformers import AutoConfig, LlamaConfig
+
+    from loraflow.data import model_context_length
+
+    assert model_context_length(AutoConfig.from_pretrained(tiny_model_dir)) == 1024
+    assert model_context_length(LlamaConfig(max_position_embeddings=2048)) == 2048
+
+
+def test_real_reviews_pack_tightly(imdb_data_dir, data_home, gpt2_tok):
+    s = settings_for(imdb_data_dir, max_length=512)
+    packed = prepare_dataset(s, gpt2_tok, model_max_positions=1024)
+    seed_layout = prepare_dataset(settings_for(imdb_data_dir, max_length=512, packing=False), gpt2_tok)
+    st, su = packed.stats["train"], seed_layout.stats["train"]
+    assert st["documents"] == su["documents"] == 200 and packed.stats["eval"]["documents"] == 200
+    assert st["tokens"] == su["tokens"] > 200 * 100
+    assert st["fill"] > 0.9 and su["fill"] < 0.75  # most of the seed's rows would be padding
+    assert st["rows"] < su["rows"]
+    eos = gpt2_tok.eos_token_id
+    assert sum(r["input_ids"].count(eos) for r in packed.train) == 200
+    assert "<br" not in gpt2_tok.decode([t for r in packed.train for t in r["input_ids"]])
+
+
+def test_saved_dataset_folder_and_metadata_files(tmp_path, data_home):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(review_rows(8, seed=1)),
+        "test": datasets.Dataset.from_list(review_rows(2, seed=2)),
+    }).save_to_disk(str(saved))
+    s = settings_for(saved)
+    rec = load_records(s.data, s.storage)
+    assert len(rec["train"]) == 8 and len(rec["eval"]) == 2
+
+    # A folder's metadata (the demo assets' record, a README) is not read as data.
+    plain = tmp_path / "plain"
+    write_rows(plain / "reviews.jsonl", review_rows(10, seed=1))
+    (plain / "loraflow-assets.json").write_text(json.dumps({"source": "x"}))
+    (plain / "README.md").write_text("# reviews\n")
+    rec = load_records(settings_for(plain).data, s.storage)
+    assert len(rec["train"]) + len(rec["eval"]) == 10

@@ -7,8 +7,8 @@
 """
 
 from loraflow.data.collator import FORWARD_KWARGS, IGNORE_INDEX, PackedCollator
-from loraflow.data.prepare import PreparedDataset, prepare_dataset
+from loraflow.data.prepare import PreparedDataset, model_context_length, prepare_dataset
 from loraflow.data.sources import clean_text, load_records
 
 __all__ = ["FORWARD_KWARGS", "IGNORE_INDEX", "PackedCollator", "PreparedDataset", "clean_text",
-           "load_records", "prepare_dataset"]
+           "load_records", "model_context_length", "prepare_dataset"]

@@ -99,6 +99,17 @@ def compute_fingerprints(data: DataSettings, seed: int, tok_id: dict[str, Any], 
     return full[:32], eval_only[:32]
 
 
+def model_context_length(config: Any) -> int | None:
+    """The longest sequence a model's positions cover (GPT-2 `n_positions`, Llama
+    `max_position_embeddings`), for `prepare_dataset(model_max_positions=...)`."""
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(config, "text_config", None)  # multimodal wrappers
+    return model_context_length(text_config) if text_config is not None else None
+
+
 def check_max_length(data: DataSettings, tokenizer: Any, model_max_positions: int | None) -> None:
     limits = []
     if model_max_positions:

@@ -35,7 +35,8 @@ BUILDERS = {
     ".txt": "text",
 }
 # What a local folder may also hold without being data (READMEs, licences, metadata).
-_IGNORED_NAMES = {"readme", "readme.md", "license", "licence", "license.txt", ".gitattributes"}
+_IGNORED_NAMES = {"readme", "readme.md", "license", "licence", "license.txt", ".gitattributes",
+                  "dataset_info.json", "dataset_infos.json", "loraflow-assets.json"}
 
 TEXT = "text"  # the column name load_records returns, whatever data.text_column was
 
@@ -219,10 +220,25 @@ def _load_acl_imdb(root: Path) -> datasets.DatasetDict:
     return datasets.DatasetDict(result)
 
 
+def _load_saved(path: Path) -> datasets.DatasetDict:
+    """A folder written by `Dataset(Dict).save_to_disk` (Arrow files, no pickles)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:
+        raise DataError(f"cannot read {path} as a saved dataset: {type(exc).__name__}: {exc}") from None
+    if isinstance(loaded, datasets.Dataset):
+        loaded = datasets.DatasetDict({"train": loaded})
+    return loaded
+
+
 def _load_local(path: Path) -> datasets.DatasetDict:
     if path.is_file():
         builder = _builder_for([path], str(path))
         return _load_builder(builder, {"train": [str(path)]}, str(path))
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return _load_saved(path)
     imdb_root = _find_acl_imdb_root(path)
     if imdb_root is not None:
         return _load_acl_imdb(imdb_root)
@@ -237,8 +253,10 @@ def _load_local(path: Path) -> datasets.DatasetDict:
 def _load_hub(data: DataSettings) -> datasets.DatasetDict:
     import datasets
 
+    # `data.revision` pins a hub commit/tag when the settings have it (older settings do not).
+    revision = getattr(data, "revision", None)
     try:
-        loaded = datasets.load_dataset(data.source, data.config_name)
+        loaded = datasets.load_dataset(data.source, data.config_name, revision=revision)
     except Exception as exc:  # offline, unknown id, gated repo ...: one line naming the source
         what = f"{data.source}" + (f" (config {data.config_name})" if data.config_name else "")
         raise DataError(f"data.source: cannot load hub dataset {what}: {type(exc).__name__}: {exc}") from None
@@ -294,6 +312,20 @@ def _limit(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Datas
     return ds.shuffle(seed=seed).select(range(limit)).flatten_indices(keep_in_memory=True)
 
 
+def _eval_split_name(data: DataSettings, splits: list[str], train_name: str, where: str) -> str | None:
+    """`data.eval_split` when the source has it; else the source's own held-out split
+    (validation, then test) rather than carving one out of train; else None (hold out)."""
+    if not data.eval_split:
+        return None
+    if data.eval_split in splits and data.eval_split != train_name:
+        return data.eval_split
+    for name in ("validation", "test"):
+        if name in splits and name != train_name:
+            log.info("%s has no split %r: using its %r split for eval", where, data.eval_split, name)
+            return name
+    return None
+
+
 def load_records(data: DataSettings, storage: StorageSettings, *, seed: int = 42) -> datasets.DatasetDict:
     """Cleaned `train`/`eval` splits with one column `text` (renamed from `data.text_column`).
 
@@ -312,9 +344,10 @@ def load_records(data: DataSettings, storage: StorageSettings, *, seed: int = 42
         else:
             raise DataError(f"{where}: no split {data.train_split!r} (data.train_split); splits are: {', '.join(splits)}")
     train = _text_only(raw[train_name], data, f"{where} [{train_name}]")
-    if data.eval_split and data.eval_split in raw and data.eval_split != train_name:
-        eval_ds = _text_only(raw[data.eval_split], data, f"{where} [{data.eval_split}]")
-        log.info("eval split: %r from %s", data.eval_split, where)
+    eval_name = _eval_split_name(data, list(raw.keys()), train_name, where)
+    if eval_name is not None:
+        eval_ds = _text_only(raw[eval_name], data, f"{where} [{eval_name}]")
+        log.info("eval split: %r from %s", eval_name, where)
     else:
         if len(train) < 2:
             raise DataError(f"{where}: {len(train)} document(s) cannot be split into train and eval; "
