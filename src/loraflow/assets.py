@@ -216,8 +216,10 @@ def imdb_sample_rows(split: str = "train", *, wheel: Path | None = None) -> list
     return rows
 
 
-def _build_data(tmp: Path) -> dict[str, Any]:
-    wheel = _wheel_path("clarifai")
+def write_imdb_sample(dest: Path, *, wheel: Path | None = None) -> dict[str, Any]:
+    """Write the 400 reviews as `dest/train.jsonl` and `dest/test.jsonl` (200 each, disjoint);
+    returns what the asset record notes about them."""
+    wheel = Path(wheel) if wheel else _wheel_path("clarifai")
     splits = {split: imdb_sample_rows(split, wheel=wheel) for split in ("train", "test")}
     for split, rows in splits.items():
         if len(rows) != IMDB_ROWS_PER_SPLIT:
@@ -225,13 +227,19 @@ def _build_data(tmp: Path) -> dict[str, Any]:
     overlap = {r["text"] for r in splits["train"]} & {r["text"] for r in splits["test"]}
     if overlap:
         raise DataError(f"{wheel}: {len(overlap)} reviews appear in both train and test")
+    dest.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
-        with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+        with open(dest / f"{split}.jsonl", "w", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                # ASCII escapes: a few reviews hold U+0085 (NEL), which str.splitlines and some readers split on.
+                fh.write(json.dumps(row, ensure_ascii=True) + "\n")
     return {"source": WHEELS["clarifai"].requirement, "wheel_sha256": WHEELS["clarifai"].sha256,
             "rows": {split: len(rows) for split, rows in splits.items()},
             "label_map": IMDB_LABELS, "license": "Apache-2.0 (package); reviews from Maas et al. 2011"}
+
+
+def _build_data(tmp: Path) -> dict[str, Any]:
+    return write_imdb_sample(tmp)
 
 
 # ---------------------------------------------------------------------------------------- model
@@ -326,6 +334,15 @@ def _write_record(directory: Path, info: dict[str, Any]) -> None:
     (directory / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only modes; give the cache the user's usual ones."""
+    mask = os.umask(0)
+    os.umask(mask)
+    directory.chmod(0o777 & ~mask)
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def _ensure(target: Path, build: Callable[[Path], dict[str, Any]], *, force: bool = False) -> bool:
     """Build `target` unless it is present and verified. Returns True when it built."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -343,6 +360,7 @@ def _ensure(target: Path, build: Callable[[Path], dict[str, Any]], *, force: boo
         try:
             info = build(tmp)
             _write_record(tmp, info)
+            _apply_umask(tmp)
             if target.exists():
                 # Two renames: a directory cannot replace a non-empty one atomically. A crash in
                 # between leaves no target, which the next run rebuilds.
