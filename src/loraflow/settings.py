@@ -58,6 +58,7 @@ class DataSettings(_Section):
     source: PathSetting = Field("imdb", min_length=1,
                         description="Hub dataset id, local file/folder, or s3:// prefix.")
     config_name: str | None = Field(None, description="Hub dataset configuration name.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
     text_column: str = Field("text", min_length=1)
     train_split: str = "train"
     eval_split: str | None = Field("test", description="Used when the source has it; else eval_size is held out.")
