@@ -1,0 +1,89 @@
+"""prepare -> train -> evaluate in this process: what `loraflow train` runs, and what the Prefect
+flows call (they add callbacks, e.g. syncing checkpoints to object storage)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
+
+    from loraflow.evaluation import EvalResult
+    from loraflow.settings import Settings
+    from loraflow.training import TrainResult
+
+log = get_logger("pipeline")
+
+
+@dataclass
+class PipelineResult:
+    fingerprint: str
+    data_stats: dict[str, Any]
+    train: TrainResult
+    eval: EvalResult | None  # None on non-main DDP ranks: only rank 0 evaluates
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.train.adapter_dir
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.train.adapter_dir / "metrics.json"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "fingerprint": self.fingerprint,
+            "data_stats": self.data_stats,
+            "train": self.train.to_dict(),
+            "eval": self.eval.to_dict() if self.eval is not None else None,
+            "timings": self.timings,
+        }
+
+
+def run_local(settings: Settings, *, output_dir: str | Path | None = None, resume: bool = False,
+              callbacks: list[TrainerCallback] | None = None, evaluate: bool = True,
+              print_table: bool = True) -> PipelineResult:
+    """Prepare the data (from cache when unchanged), train the adapter, evaluate it against the
+    base model, print a results table. Under torchrun every rank trains; rank 0 evaluates."""
+    import json
+
+    from loraflow import modeling
+    from loraflow.data import prepare_dataset
+    from loraflow.evaluation import evaluate_adapter, format_results_table
+    from loraflow.training import is_main_process, main_process_first, train_adapter
+
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    tokenizer = modeling.load_tokenizer(settings)
+    with main_process_first():  # rank 0 fills the cache, the others then read it
+        prepared = prepare_dataset(settings, tokenizer, model_max_positions=modeling.model_max_positions(settings))
+    timings["prepare_s"] = round(time.perf_counter() - t, 3)
+    log.info("phase prepare: %.1fs (%s, fingerprint %s)", timings["prepare_s"],
+             "from cache" if prepared.from_cache else "prepared", prepared.fingerprint)
+
+    t = time.perf_counter()
+    train = train_adapter(settings, output_dir=output_dir, resume=resume, prepared=prepared, callbacks=callbacks)
+    timings["train_s"] = round(time.perf_counter() - t, 3)
+    log.info("phase train: %.1fs (%d steps)", timings["train_s"], train.global_step)
+
+    result_eval = None
+    if evaluate and is_main_process():
+        t = time.perf_counter()
+        result_eval = evaluate_adapter(settings, train.adapter_dir, prepared=prepared, tokenizer=tokenizer)
+        timings["eval_s"] = round(time.perf_counter() - t, 3)
+        log.info("phase eval: %.1fs", timings["eval_s"])
+    result = PipelineResult(prepared.fingerprint, prepared.stats, train, result_eval, timings)
+    if is_main_process():
+        metrics_path = train.adapter_dir / "metrics.json"
+        metrics = json.loads(metrics_path.read_text())
+        metrics["timings"] = timings
+        metrics_path.write_text(json.dumps(metrics, indent=2))
+        if print_table:
+            print(format_results_table(metrics), flush=True)
+    return result

@@ -1,0 +1,363 @@
+"""LoRA training with transformers' `Trainer`.
+
+Why `Trainer` and not TRL's `SFTTrainer`: loraflow owns tokenisation (EOS in the loss, padding-free
+packing with per-document position ids) and caches it by a content fingerprint
+(`loraflow.data.prepare_dataset`). SFTTrainer would tokenise and pack again in its own way, and
+its packing does not reset position ids per document unless configured. The plain Trainer gives
+everything else we need: checkpoints with optimizer/scheduler/RNG state and resume, DDP under
+torchrun/accelerate, and a loss normalised by the number of label tokens over the whole effective
+batch (`num_items_in_batch`, gathered across ranks by `average_tokens_across_devices`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loraflow.errors import TrainingError
+from loraflow.log import get_logger
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback, TrainingArguments
+
+    from loraflow.data import PreparedDataset
+    from loraflow.modeling import Precision
+    from loraflow.settings import Settings
+
+log = get_logger("train")
+
+ADAPTER_SUBDIR = "adapter"
+HISTORY_FILE = "metrics.jsonl"
+LOSS_CURVE_FILE = "loss_curve.png"
+METRICS_FILE = "metrics.json"
+SETTINGS_SNAPSHOT = "loraflow.yaml"
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    output_dir: Path
+    global_step: int
+    train_tokens: int  # label tokens (labels != -100) trained on in total, across ranks and resumes
+    train_time_s: float  # this session
+    tokens_per_s: float  # this session
+    final_loss: float
+    history_path: Path
+    loss_curve_path: Path
+    session_tokens: int = 0
+    resumed_from: str | None = None
+    precision: str = "fp32"
+    trainable_params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def resolve_output_dir(settings: Settings, output_dir: str | Path | None) -> Path:
+    return Path(output_dir if output_dir is not None else settings.training.output_dir).expanduser().resolve()
+
+
+def build_training_arguments(settings: Settings, output_dir: Path, precision: Precision) -> TrainingArguments:
+    from transformers import TrainingArguments
+
+    t = settings.training
+    # transformers 5.2x renamed gradient_checkpointing -> activation_checkpointing (old name warns).
+    ckpt = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+            else "gradient_checkpointing")
+    checkpointing = {
+        ckpt: t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without input-grad hacks.
+        f"{ckpt}_kwargs": {"use_reentrant": False} if t.gradient_checkpointing else None,
+    }
+    return TrainingArguments(
+        **checkpointing,
+        output_dir=str(output_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        max_grad_norm=t.max_grad_norm,
+        bf16=precision.bf16,
+        fp16=precision.fp16,
+        use_cpu=precision.device == "cpu",
+        logging_steps=t.logging_steps,
+        save_strategy=t.save_strategy,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        save_only_model=False,  # keep optimizer, scheduler and RNG state: resume must be exact
+        seed=t.seed,
+        dataloader_num_workers=t.dataloader_num_workers,
+        remove_unused_columns=False,  # rows carry position_ids, which the collator needs
+        report_to=[],
+        disable_tqdm=not sys.stderr.isatty(),
+        eval_strategy="no",  # evaluation is loraflow.evaluation, on base and adapter alike
+        average_tokens_across_devices=True,
+        # Every LoRA parameter takes part in each step; searching for unused ones costs a graph walk.
+        ddp_find_unused_parameters=False,
+        include_num_input_tokens_seen="no",  # counted by label tokens in _LoraflowTrainer instead
+    )
+
+
+def _trainer_class():
+    import torch
+    from transformers import Trainer
+
+    class _LoraflowTrainer(Trainer):
+        """Adds two things to every micro-batch: a finite-loss check (a NaN/inf stops the run with
+        TrainingError instead of writing a garbage adapter) and a count of trained label tokens.
+        Both are reduced across ranks in one collective so every rank stops at the same step."""
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            labels = inputs.get("labels")
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            tokens = (labels != -100).sum() if labels is not None else torch.tensor(0)
+            stats = torch.stack([tokens.to(loss.device, torch.float64),
+                                 (~torch.isfinite(loss)).to(torch.float64)])
+            if self.args.world_size > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            n_tokens, bad = stats.tolist()  # one host sync per micro-batch; cheap next to a step
+            if bad:
+                raise TrainingError(
+                    f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} "
+                    f"(training.learning_rate={self.args.learning_rate}); no adapter was written")
+            self.state.num_input_tokens_seen += int(n_tokens)
+            return loss
+
+    return _LoraflowTrainer
+
+
+def progress_callback_class():
+    from transformers import TrainerCallback
+
+    class ProgressLogger(TrainerCallback):
+        """One log line per `logging_steps` (step/max, loss, lr, tokens/s, elapsed, ETA), a
+        `metrics.jsonl` history and a loss-curve PNG; files only on the main process."""
+
+        def __init__(self, output_dir: Path, resumed_step: int = 0):
+            self.output_dir = output_dir
+            self.history_path = output_dir / HISTORY_FILE
+            self.curve_path = output_dir / LOSS_CURVE_FILE
+            self.resumed_step = resumed_step
+            self.last_loss: float | None = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = self.t_last = time.perf_counter()
+            self.step0 = state.global_step
+            self.tokens0 = self.tokens_last = state.num_input_tokens_seen
+            if state.is_world_process_zero:
+                self._trim_history(state.global_step)
+            return control
+
+        def _trim_history(self, step: int) -> None:
+            # On resume, lines logged after the restored checkpoint will be logged again.
+            if not self.history_path.exists():
+                return
+            keep = []
+            for line in self.history_path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:
+                    continue
+            self.history_path.write_text("".join(k + "\n" for k in keep))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_log = True  # the curve always ends at the last step
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs or not state.is_world_process_zero:
+                return control
+            now = time.perf_counter()
+            tokens = state.num_input_tokens_seen
+            tps = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9)
+            elapsed = now - self.t0
+            done = state.global_step - self.step0
+            eta = (state.max_steps - state.global_step) * elapsed / done if done else float("nan")
+            self.t_last, self.tokens_last = now, tokens
+            self.last_loss = float(logs["loss"])
+            record = {
+                "step": state.global_step, "max_steps": state.max_steps, "epoch": round(state.epoch or 0, 4),
+                "loss": self.last_loss, "learning_rate": logs.get("learning_rate"),
+                "grad_norm": logs.get("grad_norm"), "tokens": tokens, "tokens_per_s": round(tps, 2),
+                "elapsed_s": round(elapsed, 2), "eta_s": None if math.isnan(eta) else round(eta, 1),
+            }
+            with self.history_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            log.info("step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  elapsed %s  eta %s",
+                     state.global_step, state.max_steps, self.last_loss, logs.get("learning_rate") or 0.0,
+                     tps, _hms(elapsed), _hms(eta))
+            return control
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                write_loss_curve(self.history_path, self.curve_path)
+            return control
+
+    return ProgressLogger
+
+
+def _hms(seconds: float) -> str:
+    if seconds is None or math.isnan(seconds) or math.isinf(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_loss_curve(history_path: Path, png_path: Path) -> Path:
+    # Figure + Agg canvas directly: no global matplotlib backend switch inside a library.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    history = read_history(history_path)
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if history:
+        ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (per label token)")
+    ax.set_title("loraflow training loss")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    return png_path
+
+
+def main_process_first():
+    """Context manager: the local main process runs the block first (e.g. preparing the dataset
+    cache), the others wait and then read what it wrote. A no-op outside torchrun/accelerate."""
+    from accelerate import PartialState
+
+    return PartialState().local_main_process_first()
+
+
+def is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def settings_snapshot(settings: Settings) -> dict[str, Any]:
+    """The sections that define an adapter (no storage/registry: credentials never go to disk)."""
+    data = settings.public_dict()
+    return {k: data[k] for k in ("model", "data", "lora", "training")}
+
+
+def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, resume: bool = False,
+                  prepared: PreparedDataset | None = None,
+                  callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+    """Train a LoRA adapter; returns where it is. Checkpoints go to `output_dir/checkpoint-N`,
+    the final adapter to `output_dir/adapter` (PEFT format + model card)."""
+    import yaml
+    from transformers import PrinterCallback, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from loraflow import modeling
+    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.model_card import write_model_card
+
+    out = resolve_output_dir(settings, output_dir)
+    precision = modeling.resolve_precision(settings.training, settings.model)
+    args = build_training_arguments(settings, out, precision)  # also sets up torch.distributed under torchrun
+    main = args.process_index == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    resume_from = None
+    if resume:
+        resume_from = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        else:
+            log.info("resume requested but %s holds no checkpoint-N: starting fresh", out)
+
+    tokenizer = modeling.load_tokenizer(settings)
+    if prepared is None:
+        with main_process_first():
+            prepared = prepare_dataset(settings, tokenizer,
+                                       model_max_positions=modeling.model_max_positions(settings))
+
+    adapter_dir = out / ADAPTER_SUBDIR
+    if main and adapter_dir.exists():
+        # A stale adapter next to a failed run would look like this run's result.
+        log.info("removing the previous adapter in %s", adapter_dir)
+        shutil.rmtree(adapter_dir)
+
+    set_seed(settings.training.seed)  # LoRA's A matrices are initialised from this
+    model = modeling.load_base_model(settings, precision)
+    model = modeling.apply_lora(model, settings.lora)
+
+    progress = progress_callback_class()(out)
+    trainer = _trainer_class()(
+        model=model, args=args, train_dataset=prepared.train,
+        data_collator=PackedCollator(modeling.pad_token_id(tokenizer)),
+        callbacks=[progress, *(callbacks or [])],
+    )
+    trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLogger says it better
+    log.info("training %s on %d rows (%s tokens), precision %s on %s, effective batch %d x %d x %d",
+             settings.model.name_or_path, len(prepared.train), (prepared.stats.get("train") or {}).get("tokens", "?"),
+             precision.name, precision.device, args.per_device_train_batch_size,
+             args.gradient_accumulation_steps, args.world_size)
+
+    t0 = time.perf_counter()
+    tokens_before = trainer.state.num_input_tokens_seen
+    output = trainer.train(resume_from_checkpoint=resume_from)
+    train_time = time.perf_counter() - t0
+    state = trainer.state
+    # Progress callback saw the tokens restored from the checkpoint at on_train_begin.
+    session_tokens = state.num_input_tokens_seen - getattr(progress, "tokens0", tokens_before)
+    final_loss = progress.last_loss if progress.last_loss is not None else float(output.training_loss)
+
+    result = TrainResult(
+        adapter_dir=adapter_dir, output_dir=out, global_step=state.global_step,
+        train_tokens=int(state.num_input_tokens_seen), train_time_s=round(train_time, 3),
+        tokens_per_s=round(session_tokens / train_time, 2) if train_time > 0 else 0.0,
+        final_loss=final_loss, history_path=out / HISTORY_FILE, loss_curve_path=out / LOSS_CURVE_FILE,
+        session_tokens=int(session_tokens), resumed_from=resume_from, precision=precision.name,
+        trainable_params=modeling.trainable_parameters(model),
+    )
+
+    # Saved to a temporary name and renamed, so `adapter/` only ever holds a complete adapter.
+    tmp_dir = out / f".{ADAPTER_SUBDIR}.partial"
+    if main and tmp_dir.exists():
+        shutil.rmtree(tmp_dir)
+    trainer.save_model(str(tmp_dir))  # every rank calls it; only the main process writes
+    if main:
+        # Trainer.save_model also pickles TrainingArguments; an adapter we publish holds no pickles.
+        (tmp_dir / "training_args.bin").unlink(missing_ok=True)
+        (tmp_dir / SETTINGS_SNAPSHOT).write_text(yaml.safe_dump(settings_snapshot(settings), sort_keys=False))
+        metrics = {
+            "base_model": settings.model.name_or_path,
+            "dataset_source": settings.data.source,
+            "dataset_fingerprint": prepared.fingerprint,
+            **{k: v for k, v in result.to_dict().items()
+               if k not in ("adapter_dir", "output_dir", "history_path", "loss_curve_path")},
+        }
+        (tmp_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        write_model_card(tmp_dir, settings)
+        tmp_dir.replace(adapter_dir)
+        log.info("adapter written to %s (step %d, %d label tokens in %.1fs, %.0f tok/s)", adapter_dir,
+                 result.global_step, result.session_tokens, train_time, result.tokens_per_s)
+    trainer.accelerator.wait_for_everyone()
+    return result

@@ -1,0 +1,210 @@
+"""Training on the tiny GPT-2: precision, LoRA targets, the adapter the seed snippet loads,
+resume equivalence and the NaN stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+def test_precision_resolves_per_device(caplog):
+    from loraflow.modeling import resolve_precision
+    from loraflow.settings import load_settings
+
+    seed = load_settings()  # the seed: fp16=True, model dtype bfloat16
+    with caplog.at_level(logging.WARNING, logger="loraflow"):
+        cpu = resolve_precision(seed.training, seed.model, device="cpu")
+    assert (cpu.name, cpu.model_dtype) == ("fp32", "float32")
+    warned = [r.getMessage() for r in caplog.records if "precision" in r.getMessage()]
+    assert len(warned) == 1 and "training.fp16=true" in warned[0] and "model.dtype=bfloat16" in warned[0]
+
+    ampere = resolve_precision(seed.training, seed.model, device="cuda", bf16_supported=True)
+    assert (ampere.name, ampere.model_dtype, ampere.bf16, ampere.fp16) == ("bf16", "bfloat16", True, False)
+    volta = resolve_precision(seed.training, seed.model, device="cuda", bf16_supported=False)
+    assert (volta.name, volta.model_dtype, volta.fp16) == ("fp16", "float16", True)
+
+    plain = load_settings(overrides=["training.fp16=false", "model.dtype=auto"])
+    assert resolve_precision(plain.training, plain.model, device="cuda", bf16_supported=False).name == "fp32"
+    forced = load_settings(overrides=["training.precision=fp32"])
+    p = resolve_precision(forced.training, forced.model, device="cuda", bf16_supported=True)
+    assert (p.name, p.model_dtype) == ("fp32", "float32")  # no half weights without autocast
+
+
+# ------------------------------------------------------------------------------ LoRA targets
+
+
+def test_lora_on_gpt2_conv1d_without_warnings(tiny_settings, caplog):
+    from loraflow import modeling
+
+    settings = tiny_settings()
+    model = modeling.load_base_model(settings)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="loraflow"):
+        warnings.simplefilter("always")
+        peft_model = modeling.apply_lora(model, settings.lora)
+    fan_warnings = [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    assert fan_warnings == []
+    config = peft_model.peft_config["default"]
+    assert config.fan_in_fan_out is True and set(config.target_modules) == {"c_attn", "c_proj"}
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    # r=16 on c_attn (64->192) and attn/mlp c_proj (64->64, 256->64) in 2 layers.
+    assert trainable == 2 * 16 * ((64 + 192) + (64 + 64) + (256 + 64))
+    assert any("trainable params: 22,528 || all params:" in r.getMessage() for r in caplog.records)
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+
+
+def test_seed_targets_on_llama_resolve_to_its_attention_projections(caplog):
+    from loraflow.modeling import apply_lora
+    from loraflow.settings import LoraSettings
+
+    with caplog.at_level(logging.WARNING, logger="loraflow"):
+        model = apply_lora(_tiny_llama(), LoraSettings())  # the seed's c_attn/c_proj
+    assert set(model.peft_config["default"].target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert model.peft_config["default"].fan_in_fan_out is False
+    assert model.get_nb_trainable_parameters()[0] > 0
+    assert any("c_attn" in r.getMessage() and "q_proj" in r.getMessage() for r in caplog.records)
+
+
+def test_unknown_targets_on_unknown_architecture_fail_listing_layers():
+    from loraflow.errors import ModelError
+    from loraflow.modeling import apply_lora
+    from loraflow.settings import LoraSettings
+
+    model = _tiny_llama()
+    model.config.model_type = "mystery"  # no architecture default to fall back to
+    with pytest.raises(ModelError) as err:
+        apply_lora(model, LoraSettings(target_modules=["c_attn"]))
+    msg = str(err.value)
+    assert "lora.target_modules=['c_attn']" in msg and "q_proj" in msg and "down_proj" in msg
+    assert "lm_head" not in msg
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def _adapter_tensors(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def test_train_writes_adapter_the_seed_snippet_loads(tiny_settings, tiny_model_dir, tmp_path, caplog):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.training import train_adapter
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO, logger="loraflow"):
+        result = train_adapter(tiny_settings("training.max_steps=4"), output_dir=out, resume=True)
+    assert any("holds no checkpoint" in r.getMessage() for r in caplog.records)  # resume on empty dir
+    assert result.global_step == 4 and result.adapter_dir == out / "adapter"
+    assert result.train_tokens > 4 * 8 * 30  # 4 steps x 8 rows of up to 64 tokens, packed full
+    assert result.tokens_per_s > 0 and result.final_loss == result.final_loss  # finite
+    progress = [r.getMessage() for r in caplog.records if r.name == "loraflow.train" and r.getMessage().startswith("step ")]
+    assert len(progress) >= 4 and "step 4/4" in progress[-1] and "eta" in progress[-1]
+
+    files = {p.name for p in result.adapter_dir.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["r"] == 16
+    card = (result.adapter_dir / "README.md").read_text()
+    assert str(tiny_model_dir) in card and "r=16" in card and "global_step" in card
+
+    history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert {"loss", "learning_rate", "tokens_per_s", "eta_s", "elapsed_s"} <= set(history[0])
+    assert result.loss_curve_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The seed notebook's own loading snippet.
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    model = PeftModel.from_pretrained(base, str(result.adapter_dir))
+    saved = _adapter_tensors(result.adapter_dir)
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(loaded) == 2 * 3 * 2  # 2 layers x 3 targets x (A, B)
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it has been trained
+    x = torch.tensor([[464, 3807, 373]])
+    with torch.no_grad():
+        adapted = model(x).logits
+        with model.disable_adapter():
+            plain = model(x).logits
+    assert not torch.allclose(adapted, plain)
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_settings, tmp_path):
+    """3 steps, "crash", resume for 3 more == 6 straight steps (LoRA dropout on, so the restored
+    RNG state matters, and so do the optimizer and the linear schedule)."""
+    import torch
+    from transformers import TrainerCallback
+
+    from loraflow.training import train_adapter
+
+    settings = tiny_settings("training.max_steps=6", "training.save_steps=3", "training.lr_scheduler_type=linear",
+                             "lora.lora_dropout=0.1")
+    straight = train_adapter(settings, output_dir=tmp_path / "straight")
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                control.should_training_stop = True
+            return control
+
+    first = train_adapter(settings, output_dir=tmp_path / "resumed", callbacks=[Crash()])
+    assert first.global_step == 3 and (tmp_path / "resumed" / "checkpoint-3").is_dir()
+    resumed = train_adapter(settings, output_dir=tmp_path / "resumed", resume=True)
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-3")
+    assert resumed.global_step == 6
+    assert resumed.train_tokens == straight.train_tokens  # same batches, counted across the resume
+
+    a, b = _adapter_tensors(straight.adapter_dir), _adapter_tensors(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    first3 = _adapter_tensors(tmp_path / "straight" / "checkpoint-3")
+    assert any(not torch.allclose(first3[k], a[k]) for k in a)  # steps 4-6 did change the weights
+    steps = [json.loads(line)["step"] for line in resumed.history_path.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_non_finite_loss_stops_without_an_adapter(tiny_settings, tmp_path):
+    import torch
+    from transformers import TrainerCallback
+
+    from loraflow.errors import TrainingError
+    from loraflow.training import train_adapter
+
+    class PoisonStep3(TrainerCallback):
+        """From step 3 on, the first layer's output becomes NaN (a forward hook)."""
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            def poison(module, inputs, output):
+                if state.global_step < 2:
+                    return output
+                if isinstance(output, tuple):
+                    return (output[0] * float("nan"), *output[1:])
+                return output * float("nan")
+
+            model.get_base_model().transformer.h[0].register_forward_hook(poison)
+            return control
+
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\) at step 3"):
+        train_adapter(tiny_settings("training.max_steps=5"), output_dir=out, callbacks=[PoisonStep3()])
+    assert not (out / "adapter").exists()
+    assert not (out / ".adapter.partial").exists()
