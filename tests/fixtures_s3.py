@@ -32,9 +32,10 @@ def s3_settings_for(server, bucket: str, **sections):
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the session server."""
     bucket = "t-" + secrets.token_hex(6)
-    if not s3_server.running():  # a fault test may have killed it
-        s3_server.start()
-    (s3_server.root / bucket).mkdir()
+    from loraflow.s3 import make_client
+
+    client = make_client(s3_settings_for(s3_server, bucket).storage)
+    client.create_bucket(Bucket=bucket)  # through the server: rclone caches its directory listings
     return bucket
 
 

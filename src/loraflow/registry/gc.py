@@ -74,8 +74,8 @@ def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> int
     try:
         resp = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
     except ClientError as exc:
-        if error_code(exc) in ("NotImplemented", "501"):
-            return 0  # the server does not keep resumable uploads; nothing to abort
+        if error_code(exc) in ("NotImplemented", "501", "NoSuchUpload"):
+            return 0  # no resumable uploads kept (rclone answers NoSuchUpload when there are none)
         with store.errors(f"list uploads in s3://{store.bucket}/{prefix}"):
             raise
     now = datetime.now(timezone.utc)

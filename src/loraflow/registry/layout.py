@@ -67,9 +67,16 @@ class Layout:
     prefix: str
     name: str
 
+    def __post_init__(self) -> None:
+        prefix = self.prefix.strip("/")
+        if any(part in ("", ".", "..") for part in prefix.split("/")) and prefix:
+            raise ConfigError(f"storage.prefix {self.prefix!r}: empty, '.' or '..' path segments")
+        object.__setattr__(self, "prefix", prefix)
+        check_name(self.name)
+
     @classmethod
     def for_name(cls, storage, name: str) -> Layout:
-        return cls(storage.bucket, storage.prefix.strip("/"), check_name(name))
+        return cls(storage.bucket, storage.prefix, name)
 
     @property
     def root(self) -> str:

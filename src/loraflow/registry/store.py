@@ -155,7 +155,9 @@ class Store:
     def check_bucket(self) -> None:
         with self.errors(f"s3://{self.bucket}"):
             try:
-                self.client.head_bucket(Bucket=self.bucket)
+                # A one-key listing rather than HeadBucket: HEAD answers carry no error body, so a
+                # wrong secret would only say "403" instead of SignatureDoesNotMatch.
+                self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
             except Exception as exc:
                 if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
                     raise StorageError(f"bucket {self.bucket!r} does not exist on "
@@ -166,13 +168,16 @@ class Store:
     def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         """(body, etag), or None when the object does not exist."""
         with self.errors(f"read s3://{self.bucket}/{key}"):
-            try:
+            def attempt() -> tuple[bytes, str]:
                 resp = self.client.get_object(Bucket=self.bucket, Key=key)
+                return resp["Body"].read(), resp.get("ETag", "")
+
+            try:
+                return retry_transient(attempt, f"read {key}")
             except Exception as exc:
                 if _is_missing(exc):
                     return None
                 raise
-            return resp["Body"].read(), resp.get("ETag", "")
 
     def get_json(self, key: str, attempts: int = 5) -> tuple[Any, str] | None:
         # Servers that write objects in place (rclone on a local directory truncates, then writes)
