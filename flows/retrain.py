@@ -120,7 +120,7 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
                              description=f"published {name}=={published['version']}")
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
     """Retrain the LoRA adapter, evaluate it, publish it, and promote it if it is better."""
     ensure_library_logs_in_prefect()

@@ -30,7 +30,7 @@ from loraflow.settings import Settings  # noqa: E402
 from tasks.train import train_task  # noqa: E402
 
 
-@flow(name="train-adapter", log_prints=True)
+@flow(name="train-adapter")
 def train_adapter_flow(settings: Settings = seed_settings(), run_key: str | None = None) -> dict[str, Any]:
     """Train a LoRA adapter and stage it in object storage under `checkpoints/<run_key>/final/`.
 

@@ -1,0 +1,77 @@
+"""`loraflow run [--config FILE] [--set K=V ...]`: run the `retrain` flow once.
+
+Against the Prefect server in PREFECT_API_URL when set, else an ephemeral local one. The flow lives
+in the repository's top-level `flows/` package; the handler imports it lazily (library code never
+imports Prefect)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from loraflow.cli import add_settings_args, settings_from_args
+from loraflow.errors import ConfigError
+
+# Prefect's ephemeral server needs ~20 s to start on 2 cores, and its default start-up timeout is 20 s.
+EPHEMERAL_STARTUP_TIMEOUT_S = "180"
+
+
+def register(sub) -> None:
+    run = sub.add_parser("run", help="run the retrain flow once (Prefect: ephemeral, or PREFECT_API_URL's server)")
+    add_settings_args(run)
+    run.add_argument("--json", action="store_true", help="print the flow's result as JSON")
+    run.set_defaults(handler=_run)
+
+
+def prefect_environment() -> None:
+    """Process-wide Prefect settings for an in-process flow run; must precede `import prefect`."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
+
+
+def import_retrain_flow():
+    """`flows.retrain.retrain`, from the installed package or from the repository checkout."""
+    try:
+        from flows.retrain import retrain
+    except ImportError:
+        candidates = [Path.cwd(), Path(__file__).resolve().parents[3]]
+        root = next((c for c in candidates if (c / "flows" / "retrain.py").is_file()), None)
+        if root is None:
+            raise ConfigError("cannot find the flows/ package: run from the loraflow repository root") from None
+        sys.path.insert(0, str(root))
+        from flows.retrain import retrain
+    return retrain
+
+
+def format_summary(result: dict) -> str:
+    m = result.get("metrics", {})
+    verdict = "promoted to champion" if result["promoted"] else "published, NOT promoted"
+    lines = [
+        f"{result['name']}=={result['version']}: {verdict}",
+        f"  {result['reason']}",
+        f"  location     {result['uri']}",
+        f"  perplexity   base {m.get('base_ppl', float('nan')):.4f} -> adapter {m.get('adapter_ppl', float('nan')):.4f}",
+        f"  training     {m.get('global_step')} steps, {m.get('train_tokens')} tokens, "
+        f"{m.get('train_time_s')} s, {m.get('tokens_per_s')} tokens/s",
+        f"  use it       {result['pull_command']}",
+    ]
+    return "\n".join(lines)
+
+
+def _run(args) -> int:
+    settings = settings_from_args(args)
+    prefect_environment()
+    retrain = import_retrain_flow()
+    started = time.perf_counter()
+    result = retrain(settings)
+    result["timings"]["wall (incl. Prefect start-up)"] = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(format_summary(result))
+    return 0
