@@ -208,3 +208,42 @@ def test_non_finite_loss_stops_without_an_adapter(tiny_settings, tmp_path):
         train_adapter(tiny_settings("training.max_steps=5"), output_dir=out, callbacks=[PoisonStep3()])
     assert not (out / "adapter").exists()
     assert not (out / ".adapter.partial").exists()
+
+
+# ------------------------------------------------------------------------------ base model sources
+
+
+def test_base_model_from_an_s3_mirror(s3_settings, tiny_model_dir, train_home, monkeypatch):
+    """A base model mirrored into object storage loads like a local one; pickled weights in the
+    mirror are refused instead of downloaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraflow import modeling
+    from loraflow.errors import ModelError, StorageError
+    from loraflow.s3 import make_client
+
+    monkeypatch.setenv("LORAFLOW_HOME", str(train_home))
+    client = make_client(s3_settings.storage)
+    bucket = s3_settings.storage.bucket
+    for path in tiny_model_dir.iterdir():
+        client.upload_file(str(path), bucket, f"mirrors/tiny-gpt2/{path.name}")
+    settings = s3_settings.model_copy(deep=True)
+    settings.model.name_or_path = f"s3://{bucket}/mirrors/tiny-gpt2"
+
+    tokenizer = modeling.load_tokenizer(settings)
+    model = modeling.load_base_model(settings)
+    assert tokenizer.eos_token_id == 50256
+    assert modeling.model_max_positions(settings) == 1024
+    local = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    for (name, a), (_, b) in zip(model.state_dict().items(), local.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert str(train_home / "models" / "s3" / bucket) in modeling.resolve_model_source(settings.model, settings.storage)
+
+    client.put_object(Bucket=bucket, Key="mirrors/tiny-gpt2/pytorch_model.bin", Body=b"not unpickled")
+    with pytest.raises(StorageError, match="pytorch_model.bin"):
+        modeling.load_base_model(settings)
+
+    settings.model.name_or_path = "./no/such/model-dir"
+    with pytest.raises(ModelError, match="no such model directory"):
+        modeling.load_base_model(settings)
