@@ -63,3 +63,45 @@ def make_adapter_dir(dest: Path, base_model_dir: Path, *, r: int = 4, seed: int 
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter (r=4, c_attn/c_proj, non-zero B so it changes the logits) on `tiny_model_dir`."""
     return make_adapter_dir(tmp_path_factory.mktemp("tiny-adapter"), tiny_model_dir)
+
+
+def make_random_adapter_dir(dest: Path, size_mb: float, *, base_model: str = "microsoft/DialoGPT-medium",
+                            seed: int = 0) -> Path:
+    """An adapter directory of about `size_mb` MB (one fp32 LoRA A/B pair of random values) with a
+    valid adapter_config.json: for transfer tests and benchmarks, where loading is not the point."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rank = 64
+    cols = max(1, int(size_mb * 1024 * 1024 / 4 / rank / 2))
+    rng = np.random.default_rng(seed)
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight":
+               rng.standard_normal((rank, cols), dtype=np.float32),
+               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight":
+               rng.standard_normal((cols, rank), dtype=np.float32)}, str(dest / "adapter_model.safetensors"))
+    (dest / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": ["c_attn"], "fan_in_fan_out": True,
+        "bias": "none", "inference_mode": True}, indent=2))
+    return dest
+
+
+def registry_env(server, bucket: str, **extra: str) -> dict:
+    """Environment for a subprocess that uses the registry on `server`/`bucket` (settings through
+    LORAFLOW_* / AWS_* variables, as a deployment would)."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LORAFLOW_", "AWS_"))}
+    env.update({"LORAFLOW_STORAGE__ENDPOINT_URL": server.endpoint_url, "LORAFLOW_STORAGE__BUCKET": bucket,
+                "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                "AWS_REGION": "us-east-1",
+                # Shorter lock timing for the local loopback server (the bounds still hold there).
+                "LORAFLOW_REGISTRY_LOCK_WRITE_BOUND_S": "0.2", "LORAFLOW_REGISTRY_LOCK_SETTLE_S": "0.3"})
+    if os.environ.get("LORAFLOW_HOME"):
+        env["LORAFLOW_HOME"] = os.environ["LORAFLOW_HOME"]
+    env.update(extra)
+    return env
