@@ -92,3 +92,11 @@ def test_path_settings_expand_loraflow_home(monkeypatch, tmp_path):
     s = load_settings(overrides=["model.name_or_path=${LORAFLOW_HOME}/models/m", "data.source=imdb"])
     assert s.model.name_or_path == f"{tmp_path}/models/m"
     assert s.data.source == "imdb"  # hub ids pass through untouched
+
+
+def test_yaml_11_no_is_the_word_not_false(tmp_path):
+    assert load_settings(overrides=["training.save_strategy=no"]).training.save_strategy == "no"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("training: {save_strategy: no}\n")
+    assert load_settings(cfg).training.save_strategy == "no"
+    assert load_settings(overrides=["data.packing=false"]).data.packing is False

@@ -105,6 +105,11 @@ class TrainingSettings(_Section):
     gradient_checkpointing: bool = False
     logging_steps: int = Field(25, gt=0)
     save_strategy: Literal["steps", "epoch", "no"] = "steps"
+
+    @field_validator("save_strategy", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # `save_strategy: no` in YAML 1.1 is False
     save_steps: int = Field(500, gt=0)
     save_total_limit: int | None = Field(2, gt=0)
     seed: int = 42
@@ -199,11 +204,17 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
+_YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b=V` -> (['a','b'], V); V is read as a YAML scalar or flow list (7, 2e-4, [q_proj,v_proj])."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+    if raw.strip().lower() in _YAML11_WORDS:
+        # YAML 1.1 reads `no`/`on`/`yes` as booleans; `--set training.save_strategy=no` means the word.
+        return key.strip().split("."), raw.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
