@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraflow.errors import ConfigError, IntegrityError
+from loraflow.errors import ConfigError
 from loraflow.log import get_logger
 from loraflow.registry.aliases import advance_alias
 from loraflow.registry.layout import (
@@ -115,16 +115,14 @@ def publish_adapter(settings, adapter_dir: Path, *, name: str | None = None,
             files["README.md"].write_text(_model_card(name, adapter_config))
         digests = _upload_all(store, layout, version, files)
 
+        # Verified right before the manifest makes the version visible, which also catches a gc
+        # that removed this (manifest-less) version because the publish outlived its grace period.
+        store.verify_uploads(layout.version_prefix(version),
+                             {n: (files[n], d) for n, d in digests.items()})
+
     entries = [{"name": n, "size": d.size, "sha256": d.sha256} for n, d in sorted(digests.items())]
     manifest = build_manifest(name=name, version=version, files=entries, adapter_config=adapter_config,
                               settings=settings, metrics=metrics, extra=extra)
-    # Re-check right before the manifest makes the version visible: gc removes manifest-less
-    # versions older than its grace period, and a publish must not outlive that unnoticed.
-    for entry in entries:
-        head = store.head(layout.file_key(version, entry["name"]))
-        if head is None or head["ContentLength"] != entry["size"]:
-            raise IntegrityError(f"{layout.uri(layout.file_key(version, entry['name']))} vanished or "
-                                 "changed before the manifest was written")
     store.put_json(layout.manifest_key(version), manifest)
     uri = layout.uri(layout.version_prefix(version))
     log.info("published %s version %s (%s)", name, version, uri)
@@ -142,7 +140,7 @@ def _upload_all(store: Store, layout: Layout, version: str, files: dict[str, Pat
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="lf-hash") as hashers, \
             ThreadPoolExecutor(max_workers=4, thread_name_prefix="lf-upload") as uploaders:
         hashes: dict[str, Future] = {n: hashers.submit(digest_file, p) for n, p in files.items()}
-        uploads = {n: uploaders.submit(store.upload_file, p, layout.file_key(version, n), hashes[n].result)
+        uploads = {n: uploaders.submit(store.upload_file, p, layout.file_key(version, n))
                    for n, p in files.items()}
         for future in uploads.values():
             future.result()
