@@ -189,6 +189,7 @@ def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
     publish_artifacts(settings, published, decision, train, evaluation, timings)
     return {
         **published,
+        "flow_run_id": str(flow_run.id),
         "promoted": decision.promote,
         "reason": decision.reason,
         "champion_before": champion["version"],
