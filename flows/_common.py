@@ -60,13 +60,17 @@ def current_run_key() -> str:
 
 
 def ensure_library_logs_in_prefect() -> None:
-    """Attach Prefect's run-log handlers to the `loraflow` logger, as PREFECT_LOGGING_EXTRA_LOGGERS
-    would have done had it been set before Prefect was imported (a worker imports it first)."""
+    """Send the `loraflow` logger's lines to the Prefect API (the run's logs in the UI), as
+    PREFECT_LOGGING_EXTRA_LOGGERS=loraflow does when it is set before Prefect is imported (the
+    workers' job environment sets it; `prefect.extra` holds Prefect's API handler)."""
     extra = logging.getLogger("prefect.extra")
     lib = logging.getLogger("loraflow")
     for handler in extra.handlers:
         if handler not in lib.handlers:
             lib.addHandler(handler)
+    if any(getattr(h, "_loraflow", False) for h in lib.handlers):
+        # The CLI prints these lines itself; Prefect's root console handler would print them twice.
+        lib.propagate = False
     if lib.level == logging.NOTSET or lib.level > logging.INFO:
         lib.setLevel(logging.INFO)
 

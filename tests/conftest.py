@@ -19,7 +19,7 @@ for var, value in {
 sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 
-pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_assets", "fixtures_training"]
+pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_assets", "fixtures_training", "fixtures_prefect"]
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import shutil
 import time
 
 import pytest
+import yaml
 from fixtures_prefect import tiny_flow_settings
 
 pytestmark = pytest.mark.slow
@@ -45,7 +46,7 @@ def _run_artifacts_and_logs(flow_run_id: str):
 
 
 def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
-        prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home):
+        prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home, cli):
     from flows.retrain import retrain
 
     from loraflow.registry import get_alias, list_versions, read_manifest
@@ -78,14 +79,50 @@ def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
     # The library's own log lines (PREFECT_LOGGING_EXTRA_LOGGERS=loraflow) reach the run's logs.
     assert any(log.name == "loraflow.registry" and "published imdb-tiny" in log.message for log in logs)
 
-    # Learning rate 0: the adapter equals the base model, so it cannot beat it; published, not promoted.
-    second = retrain(tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, learning_rate=0.0))
+    # Learning rate 0: the adapter equals the base model, so it cannot beat it: published, not promoted.
+    # This run goes through the CLI (`loraflow run --config ... --set ...`), against the same server.
+    config = flow_home.parent / "tiny.yaml"
+    public = settings.public_dict()
+    public["storage"] = {k: v for k, v in public["storage"].items() if not k.startswith("aws_")}
+    config.write_text(yaml.safe_dump(public))
+    code, out, err = cli("run", "--config", str(config), "--json", "--set", "training.learning_rate=0",
+                         "--set", f"storage.aws_access_key_id={s3_server.access_key}",
+                         "--set", f"storage.aws_secret_access_key={s3_server.secret_key}")
+    assert code == 0, err[-3000:]
+    second = json.loads(out)
     assert not second["promoted"]
     assert "does not beat the base model" in second["reason"]
     assert get_alias(settings, "imdb-tiny", "champion") == first["version"]
     assert {v["version"] for v in list_versions(settings, "imdb-tiny")} >= {first["version"], second["version"]}
     artifacts, _ = _run_artifacts_and_logs(second["flow_run_id"])
     assert "NOT promoted to" in next(a.data for a in artifacts if a.type == "markdown")
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install chromium)")
+def test_ui_screenshot_shows_the_run_and_its_artifact(prefect_server, tmp_path):
+    """Runs after the end-to-end test above (same session server): the latest completed retrain."""
+    import subprocess
+    import sys
+
+    from fixtures_prefect import ROOT
+    from PIL import Image
+
+    out = tmp_path / "ui.png"
+    done = subprocess.run([sys.executable, str(ROOT / "deployments" / "screenshot.py"), "--api-url",
+                           prefect_server.api_url, "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env={**prefect_server.env})
+    if "no completed 'retrain' flow run" in done.stderr + done.stdout:
+        pytest.skip("no completed retrain run on the session server (run the module, not this test alone)")
+    assert done.returncode == 0, done.stdout + done.stderr
+    image = Image.open(out).convert("RGB")
+    assert image.size == (2 * 1280 + 8, 1150)
+    # The right panel is the version artifact: its loss curve is a large white figure. An error page
+    # ("Can't connect to Server API") or an empty page has no white area at all.
+    right = image.crop((1288 + 150, 300, image.width, 1100))
+    white = sum(1 for px in right.getdata() if min(px) > 240)
+    assert white > 0.05 * right.width * right.height
+    # The left panel shows the run (graph, logs): many distinct colours, not a blank page.
+    assert len(image.crop((0, 0, 1280, 1150)).getcolors(maxcolors=1 << 16) or []) > 100
 
 
 class _CrashAfterStep:

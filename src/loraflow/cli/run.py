@@ -34,16 +34,21 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
 
 
+def repo_root() -> Path:
+    """The checkout holding flows/, tasks/ and deployments/ (the working directory or this package's)."""
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[3]]
+    root = next((c for c in candidates if (c / "flows" / "retrain.py").is_file()), None)
+    if root is None:
+        raise ConfigError("cannot find the flows/ package: run from the loraflow repository root")
+    return root
+
+
 def import_retrain_flow():
     """`flows.retrain.retrain`, from the installed package or from the repository checkout."""
     try:
         from flows.retrain import retrain
     except ImportError:
-        candidates = [Path.cwd(), Path(__file__).resolve().parents[3]]
-        root = next((c for c in candidates if (c / "flows" / "retrain.py").is_file()), None)
-        if root is None:
-            raise ConfigError("cannot find the flows/ package: run from the loraflow repository root") from None
-        sys.path.insert(0, str(root))
+        sys.path.insert(0, str(repo_root()))
         from flows.retrain import retrain
     return retrain
 
