@@ -187,3 +187,21 @@ def test_crashed_training_resumes_from_the_stored_checkpoint(
     stored = latest_checkpoint(settings.storage, run_key)
     assert stored is not None and stored.step == 8
     assert result["staged_uri"].endswith(f"checkpoints/{run_key}/final/")
+
+
+def test_a_diverged_training_run_publishes_nothing(prefect_server, s3_server, tiny_model_dir, imdb_data_dir,
+                                                   flow_home):
+    from flows.retrain import retrain
+
+    from loraflow.errors import TrainingError
+    from loraflow.registry import get_alias, list_versions
+
+    bucket = _fresh_bucket(s3_server)
+    # An absurd learning rate without gradient clipping: the loss is NaN at step 2.
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, name="imdb-nan",
+                                  learning_rate=1e30, max_grad_norm=0.0)
+    with pytest.raises(TrainingError, match="non-finite training loss"):
+        retrain(settings)
+    assert list_versions(settings, "imdb-nan") == []
+    assert get_alias(settings, "imdb-nan", "champion") is None
+    assert not (s3_server.root / bucket / "adapters").exists()
