@@ -8,10 +8,11 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 
 from loraflow.errors import ConfigError, DataError, IntegrityError, ModelError, TrainingError
+from loraflow.registry.aliases import AliasConflictError
 
-# Deterministic failures: retrying repeats them.
-PERMANENT = (ConfigError, DataError, ModelError, TrainingError, IntegrityError, ValueError, TypeError,
-             KeyError, MemoryError)
+# Deterministic failures: retrying repeats them. (A moved alias is a lost race, not an outage.)
+PERMANENT = (ConfigError, DataError, ModelError, TrainingError, IntegrityError, AliasConflictError, ValueError,
+             TypeError, KeyError, MemoryError)
 
 IO_RETRIES = 3
 IO_BACKOFF = exponential_backoff(backoff_factor=2)  # 2 s, 4 s, 8 s
