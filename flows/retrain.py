@@ -193,6 +193,8 @@ def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
         "promoted": decision.promote,
         "reason": decision.reason,
         "champion_before": champion["version"],
+        "champion_ppl": champion["ppl"],
+        "champion_remeasured": champion.get("remeasured", False),
         "metrics": metrics,
         "dataset_fingerprint": data["fingerprint"],
         "resumed_from_step": train.get("resumed_from_step", 0),

@@ -80,18 +80,23 @@ def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
     assert any(log.name == "loraflow.registry" and "published imdb-tiny" in log.message for log in logs)
 
     # Learning rate 0: the adapter equals the base model, so it cannot beat it: published, not promoted.
-    # This run goes through the CLI (`loraflow run --config ... --set ...`), against the same server.
+    # This run goes through the CLI (`loraflow run --config ... --set ...`), against the same server,
+    # on a different eval set (6 documents instead of 8), so the champion's recorded perplexity does
+    # not apply and the gate measures the champion again on this run's eval set.
     config = flow_home.parent / "tiny.yaml"
     public = settings.public_dict()
     public["storage"] = {k: v for k, v in public["storage"].items() if not k.startswith("aws_")}
     config.write_text(yaml.safe_dump(public))
     code, out, err = cli("run", "--config", str(config), "--json", "--set", "training.learning_rate=0",
+                         "--set", "data.max_eval_samples=6",
                          "--set", f"storage.aws_access_key_id={s3_server.access_key}",
                          "--set", f"storage.aws_secret_access_key={s3_server.secret_key}")
     assert code == 0, err[-3000:]
     second = json.loads(out)
     assert not second["promoted"]
     assert "does not beat the base model" in second["reason"]
+    assert second["champion_before"] == first["version"] and second["champion_remeasured"]
+    assert second["champion_ppl"] != pytest.approx(first["metrics"]["adapter_ppl"])  # another eval set
     assert get_alias(settings, "imdb-tiny", "champion") == first["version"]
     assert {v["version"] for v in list_versions(settings, "imdb-tiny")} >= {first["version"], second["version"]}
     artifacts, _ = _run_artifacts_and_logs(second["flow_run_id"])
