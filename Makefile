@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench up down clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,14 @@ test: venv
 
 bench: venv
 	$(PY) bench/train_throughput.py
+	$(PY) bench/storage.py
+
+# The local stack on loopback: S3 (rclone), Prefect server + UI, one worker per pool, deployments applied.
+up: venv
+	VENV=$(VENV) deployments/up.sh
+
+down:
+	deployments/down.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache lora-dialogpt runs
+	rm -rf $(VENV) .pytest_cache lora-dialogpt runs .loraflow
