@@ -3,9 +3,11 @@ details on the worker, and making the library's `loraflow` log lines appear in P
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import SecretStr
@@ -59,20 +61,31 @@ def current_run_key() -> str:
     return str(flow_run.id or uuid.uuid4())
 
 
-def ensure_library_logs_in_prefect() -> None:
-    """Send the `loraflow` logger's lines to the Prefect API (the run's logs in the UI), as
-    PREFECT_LOGGING_EXTRA_LOGGERS=loraflow does when it is set before Prefect is imported (the
-    workers' job environment sets it; `prefect.extra` holds Prefect's API handler)."""
+@contextlib.contextmanager
+def library_logs_in_prefect() -> Iterator[None]:
+    """While a flow runs, send the `loraflow` logger's lines to the Prefect API (the run's logs in
+    the UI), as PREFECT_LOGGING_EXTRA_LOGGERS=loraflow does when it is set before Prefect is
+    imported (`prefect.extra` holds Prefect's API handler). Detached afterwards: outside a flow
+    run the API handler has nowhere to send lines and warns on every one."""
     extra = logging.getLogger("prefect.extra")
     lib = logging.getLogger("loraflow")
-    for handler in extra.handlers:
-        if handler not in lib.handlers:
-            lib.addHandler(handler)
+    added = [h for h in extra.handlers if h not in lib.handlers]
+    saved = (lib.propagate, lib.level)
+    for handler in added:
+        lib.addHandler(handler)
     if any(getattr(h, "_loraflow", False) for h in lib.handlers):
         # The CLI prints these lines itself; Prefect's root console handler would print them twice.
         lib.propagate = False
     if lib.level == logging.NOTSET or lib.level > logging.INFO:
         lib.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for handler in added:
+            lib.removeHandler(handler)
+        lib.propagate, lib.level = saved
 
 
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+# The library also logs outside flow runs (a pull, a publish); those lines have no run to go to.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")

@@ -23,7 +23,7 @@ from typing import Any  # noqa: E402
 
 from flows._common import (  # noqa: E402
     current_run_key,
-    ensure_library_logs_in_prefect,
+    library_logs_in_prefect,
     parameters_for_deployment,
     seed_settings,
     with_worker_environment,
@@ -123,7 +123,11 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
 @flow(name="retrain")
 def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
     """Retrain the LoRA adapter, evaluate it, publish it, and promote it if it is better."""
-    ensure_library_logs_in_prefect()
+    with library_logs_in_prefect():
+        return _retrain(settings)
+
+
+def _retrain(settings: Settings) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.perf_counter()
     settings = with_worker_environment(settings)

@@ -20,7 +20,7 @@ from typing import Any  # noqa: E402
 
 from flows._common import (  # noqa: E402
     current_run_key,
-    ensure_library_logs_in_prefect,
+    library_logs_in_prefect,
     seed_settings,
     with_worker_environment,
 )
@@ -35,6 +35,6 @@ def train_adapter_flow(settings: Settings = seed_settings(), run_key: str | None
     """Train a LoRA adapter and stage it in object storage under `checkpoints/<run_key>/final/`.
 
     `run_key` names the run's checkpoint folder; reuse it to resume a crashed run."""
-    ensure_library_logs_in_prefect()
-    settings = with_worker_environment(settings)
-    return train_task(settings, run_key or current_run_key())
+    with library_logs_in_prefect():
+        settings = with_worker_environment(settings)
+        return train_task(settings, run_key or current_run_key())

@@ -17,6 +17,7 @@ import pytest
 
 # Must be in the environment before Prefect configures logging (at import).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_BIN = str(Path(sys.executable).with_name("prefect"))
@@ -54,7 +55,8 @@ def prefect_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"{url}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_LOGGING_EXTRA_LOGGERS": "loraflow", "PYTHONPATH": str(ROOT)}
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "loraflow", "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
+           "PYTHONPATH": str(ROOT)}
     log_path = home / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([PREFECT_BIN, "server", "start", "--host", "127.0.0.1", "--port", str(port)],

@@ -23,7 +23,7 @@ VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
 
 MANIFEST = "manifest.json"
 # What a version may hold. Weights only as safetensors: nothing pickled ever goes up or comes down.
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".png", ".jsonl")
+ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".png", ".jsonl", ".yaml")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
