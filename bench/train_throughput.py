@@ -206,17 +206,17 @@ def main() -> None:
             print(f"   loraflow done in {ours['wall_s']:.0f} s", flush=True)
             rows.append((arch, seed, ours))
 
-    head = (f"{'model':<16}{'stack':<10}{'s/step':>8}{'tok/s':>8}{'useful tok/s':>14}{'padding':>9}"
+    head = (f"{'model':<20}{'stack':<10}{'s/step':>8}{'tok/s':>8}{'useful tok/s':>14}{'padding':>9}"
             f"{'useful tok/step':>17}{'peak RSS GB':>13}{'eval loss':>11}")
     print("\n" + head + "\n" + "-" * len(head))
     for arch, seed, ours in rows:
         for name, r in (("seed", seed), ("loraflow", ours)):
-            print(f"{'DialoGPT-' + arch + '/' + str(args.max_length):<16}{name:<10}{r['s_per_step']:>8.1f}"
+            print(f"{'DialoGPT-' + arch + '/' + str(args.max_length):<20}{name:<10}{r['s_per_step']:>8.1f}"
                   f"{r['tokens_per_s']:>8.0f}{r['useful_tokens_per_s']:>14.1f}{r['padding']:>9.0%}"
                   f"{r['useful_tokens_per_step']:>17.0f}{r['peak_rss_gb']:>13.2f}{r['eval_loss']:>11.3f}")
         speed = ours["useful_tokens_per_s"] / seed["useful_tokens_per_s"]
         rss = ours["peak_rss_gb"] / seed["peak_rss_gb"]
-        print(f"{'':<16}{'ratio':<10} useful tokens/s x{speed:.2f} (target >= 2), peak RSS x{rss:.2f} "
+        print(f"{'':<20}{'ratio':<10} useful tokens/s x{speed:.2f} (target >= 2), peak RSS x{rss:.2f} "
               f"(target <= 0.5), eval loss {ours['eval_loss'] - seed['eval_loss']:+.3f}")
     if math.isnan(sum(r[2]["eval_loss"] for r in rows)):
         raise SystemExit("loraflow eval loss is NaN")
