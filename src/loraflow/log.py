@@ -4,6 +4,7 @@ same lines in its UI when `PREFECT_LOGGING_EXTRA_LOGGERS=loraflow` (the flows se
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 LOGGER_NAME = "loraflow"
@@ -14,7 +15,12 @@ def get_logger(name: str = "") -> logging.Logger:
 
 
 def setup_console(level: int = logging.INFO) -> None:
-    """Terminal output for the CLI: one handler on the package logger, idempotent."""
+    """Terminal output for the CLI: one handler on the package logger, idempotent. When stderr is
+    not a terminal (a log file, a Prefect worker), datasets' per-map progress bars would only add
+    hundreds of carriage-return lines; loraflow's own progress lines say what matters."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(level)
     if not any(getattr(h, "_loraflow", False) for h in logger.handlers):
