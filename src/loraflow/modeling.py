@@ -8,6 +8,7 @@ dtype are right on a GPU and a trap on a CPU without native half-precision maths
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -22,6 +23,10 @@ if TYPE_CHECKING:
     from loraflow.settings import LoraSettings, ModelSettings, Settings, StorageSettings, TrainingSettings
 
 log = get_logger("model")
+
+# peft 0.21 still reads `is_gradient_checkpointing`, which transformers 5.2x deprecated: a
+# FutureWarning on every model load that a user can do nothing about. Only that one is silenced.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Files a base-model mirror may hold. Weights only as safetensors: a .bin/.pt/.pkl from storage
 # would be unpickled by torch, i.e. code execution from whoever can write to the bucket.
