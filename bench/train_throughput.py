@@ -86,8 +86,10 @@ class StepClock:
         return sum(timed) / len(timed)
 
 
-def run_seed(model_dir: Path, max_length: int, steps: int) -> dict:
-    """The seed notebook's stack, verbatim in spirit: padding='max_length', pad = eos."""
+def run_seed(model_dir: Path, max_length: int, steps: int, micro_batch: int = 4) -> dict:
+    """The seed notebook's stack, verbatim in spirit: padding='max_length', pad = eos.
+    `micro_batch` 1 (x16 accumulation) separates what packing buys from what a smaller
+    micro-batch buys: the same effective batch, a quarter of the activations."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
@@ -107,7 +109,8 @@ def run_seed(model_dir: Path, max_length: int, steps: int) -> dict:
     useful = sum(sum(m) for m in ds["attention_mask"]) / len(ds)
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=4,
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro_batch,
+                                 gradient_accumulation_steps=EFFECTIVE_ROWS // micro_batch,
                                  max_steps=steps, warmup_steps=0, learning_rate=2e-4, logging_steps=1,
                                  save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=42)
         trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[clock.callback],
@@ -162,7 +165,7 @@ def run_loraflow(model_dir: Path, max_length: int, steps: int) -> dict:
 
 
 def worker(args) -> None:
-    fn = {"seed": run_seed, "loraflow": run_loraflow}[args.worker]
+    fn = {"seed": run_seed, "seed-mb1": lambda *a: run_seed(*a, micro_batch=1), "loraflow": run_loraflow}[args.worker]
     result = fn(Path(args.model_dir), args.max_length, args.steps)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -186,7 +189,9 @@ def main() -> None:
     parser.add_argument("--arch", default="small,medium", help="comma list of: tiny, small, medium")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
-    parser.add_argument("--worker", choices=["seed", "loraflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow"], help=argparse.SUPPRESS)
+    parser.add_argument("--no-seed-mb1", action="store_true",
+                        help="skip the seed stack at micro-batch 1 x 16 (the row that separates packing's gain)")
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -204,21 +209,30 @@ def main() -> None:
             print(f"   seed stack done in {seed['wall_s']:.0f} s", flush=True)
             ours = spawn("loraflow", model_dir, args.max_length, args.steps)
             print(f"   loraflow done in {ours['wall_s']:.0f} s", flush=True)
-            rows.append((arch, seed, ours))
+            mb1 = None
+            if not args.no_seed_mb1:
+                mb1 = spawn("seed-mb1", model_dir, args.max_length, args.steps)
+                print(f"   seed stack at micro-batch 1 done in {mb1['wall_s']:.0f} s", flush=True)
+            rows.append((arch, seed, ours, mb1))
 
-    head = (f"{'model':<20}{'stack':<10}{'s/step':>8}{'tok/s':>8}{'useful tok/s':>14}{'padding':>9}"
+    head = (f"{'model':<20}{'stack':<11}{'s/step':>8}{'tok/s':>8}{'useful tok/s':>14}{'padding':>9}"
             f"{'useful tok/step':>17}{'peak RSS GB':>13}{'eval loss':>11}")
     print("\n" + head + "\n" + "-" * len(head))
-    for arch, seed, ours in rows:
-        for name, r in (("seed", seed), ("loraflow", ours)):
-            print(f"{'DialoGPT-' + arch + '/' + str(args.max_length):<20}{name:<10}{r['s_per_step']:>8.1f}"
+    for arch, seed, ours, mb1 in rows:
+        runs = [("seed", seed), ("loraflow", ours)] + ([("seed 1x16", mb1)] if mb1 else [])
+        for name, r in runs:
+            print(f"{'DialoGPT-' + arch + '/' + str(args.max_length):<20}{name:<11}{r['s_per_step']:>8.1f}"
                   f"{r['tokens_per_s']:>8.0f}{r['useful_tokens_per_s']:>14.1f}{r['padding']:>9.0%}"
                   f"{r['useful_tokens_per_step']:>17.0f}{r['peak_rss_gb']:>13.2f}{r['eval_loss']:>11.3f}")
         speed = ours["useful_tokens_per_s"] / seed["useful_tokens_per_s"]
         rss = ours["peak_rss_gb"] / seed["peak_rss_gb"]
         print(f"{'':<20}{'ratio':<10} useful tokens/s x{speed:.2f} (target >= 2), peak RSS x{rss:.2f} "
               f"(target <= 0.5), eval loss {ours['eval_loss'] - seed['eval_loss']:+.3f}")
-    if math.isnan(sum(r[2]["eval_loss"] for r in rows)):
+        if mb1:
+            print(f"{'':<20}{'':<10} vs the seed stack at micro-batch 1 x 16: useful tokens/s "
+                  f"x{ours['useful_tokens_per_s'] / mb1['useful_tokens_per_s']:.2f}, "
+                  f"peak RSS x{ours['peak_rss_gb'] / mb1['peak_rss_gb']:.2f}")
+    if any(math.isnan(r[2]["eval_loss"]) for r in rows):
         raise SystemExit("loraflow eval loss is NaN")
 
 
