@@ -28,7 +28,9 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraflow", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="loraflow",
+        description="Scheduled LoRA retraining of causal LMs, adapters published to S3-compatible storage.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
