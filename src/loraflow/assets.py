@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import hashlib
 import io
 import json
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.errors import DataError, LoraflowError, ModelError
+from loraflow.hashing import sha256_file
 from loraflow.log import get_logger
 from loraflow.paths import cache_dir, home
 
@@ -103,14 +103,6 @@ def model_dir() -> Path:
 
 def data_dir() -> Path:
     return home() / "datasets" / DATA_NAME
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

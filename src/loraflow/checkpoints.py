@@ -18,16 +18,16 @@ integrity: only files it lists are downloaded, and only when their hashes match.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraflow.errors import IntegrityError, StorageError
+from loraflow.hashing import sha256_file
 from loraflow.log import get_logger
-from loraflow.s3 import describe_client_error, make_client, parse_s3_uri
+from loraflow.registry.store import Store
+from loraflow.s3 import parse_s3_uri
 
 if TYPE_CHECKING:
     from loraflow.settings import StorageSettings
@@ -58,110 +58,74 @@ def run_prefix(storage: StorageSettings, run_key: str) -> str:
     return f"s3://{storage.bucket}/{prefix + '/' if prefix else ''}checkpoints/{run_key}/"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _store(storage: StorageSettings, uri: str) -> tuple[Store, str]:
+    """The registry's Store (retries, one-line errors) for the bucket `uri` names, and its key prefix."""
+    bucket, key_prefix = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
+    return Store(storage.model_copy(update={"bucket": bucket})), key_prefix
 
 
 def upload_dir(storage: StorageSettings, local_dir: Path, uri: str, *, extra: dict[str, Any] | None = None,
                allowed_suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> str:
     """Upload the files of `local_dir` under `uri`, then `MANIFEST.json` with their sha256s."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key_prefix = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
-    client = make_client(storage)
+    store, key_prefix = _store(storage, uri)
     files: dict[str, dict[str, Any]] = {}
-    try:
-        for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            if path.name in SKIPPED_FILES or rel == MANIFEST or not rel.endswith(allowed_suffixes):
-                continue
-            files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
-            client.upload_file(str(path), bucket, key_prefix + rel)
-        manifest = {**(extra or {}), "files": files}
-        client.put_object(Bucket=bucket, Key=key_prefix + MANIFEST,
-                          Body=json.dumps(manifest, indent=2, sort_keys=True).encode())
-    except (ClientError, BotoCoreError) as exc:
-        raise describe_client_error(exc, f"upload {local_dir} to {uri}") from None
-    return f"s3://{bucket}/{key_prefix}"
+    for path in sorted(p for p in Path(local_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(local_dir).as_posix()
+        if path.name in SKIPPED_FILES or rel == MANIFEST or not rel.endswith(allowed_suffixes):
+            continue
+        files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+        store.upload_file(path, key_prefix + rel)
+    store.put_json(key_prefix + MANIFEST, {**(extra or {}), "files": files})
+    return f"s3://{store.bucket}/{key_prefix}"
 
 
 def download_dir(storage: StorageSettings, uri: str, dest: Path, *,
                  allowed_suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES) -> dict[str, Any]:
     """Download what `uri/MANIFEST.json` lists into `dest`, verifying every sha256 before the
     file is moved into place. Returns the manifest."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key_prefix = parse_s3_uri(uri if uri.endswith("/") else uri + "/")
-    client = make_client(storage)
+    store, key_prefix = _store(storage, uri)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    try:
-        manifest = json.loads(client.get_object(Bucket=bucket, Key=key_prefix + MANIFEST)["Body"].read())
-        for rel, meta in manifest["files"].items():
-            if ".." in Path(rel).parts or Path(rel).is_absolute():
-                raise StorageError(f"{uri}: manifest lists a path outside the checkpoint: {rel!r}")
-            if not rel.endswith(allowed_suffixes):
-                raise StorageError(f"{uri}: refusing {rel!r}: only {', '.join(allowed_suffixes)} files are accepted")
-            target = dest / rel
-            if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".part")
-            client.download_file(bucket, key_prefix + rel, str(tmp))
-            got = sha256_file(tmp)
-            if got != meta["sha256"]:
-                tmp.unlink(missing_ok=True)
-                raise IntegrityError(f"{uri}{rel}: sha256 {got} does not match the manifest ({meta['sha256']})")
-            tmp.replace(target)
-    except (ClientError, BotoCoreError) as exc:
-        raise describe_client_error(exc, f"download {uri}") from None
+    got_manifest = store.get_json(key_prefix + MANIFEST)
+    if got_manifest is None:
+        raise StorageError(f"{uri}: no {MANIFEST} (the upload never completed)")
+    manifest = got_manifest[0]
+    for rel, meta in manifest["files"].items():
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise StorageError(f"{uri}: manifest lists a path outside the checkpoint: {rel!r}")
+        if not rel.endswith(allowed_suffixes):
+            raise StorageError(f"{uri}: refusing {rel!r}: only {', '.join(allowed_suffixes)} files are accepted")
+        target = dest / rel
+        if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".part")
+        store.download_file(key_prefix + rel, tmp)
+        got = sha256_file(tmp)
+        if got != meta["sha256"]:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityError(f"{uri}{rel}: sha256 {got} does not match the manifest ({meta['sha256']})")
+        tmp.replace(target)
     return manifest
 
 
 def latest_checkpoint(storage: StorageSettings, run_key: str) -> StoredCheckpoint | None:
     """The highest-step checkpoint whose manifest was written (i.e. whose upload completed)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key_prefix = parse_s3_uri(run_prefix(storage, run_key))
-    client = make_client(storage)
-    best: StoredCheckpoint | None = None
+    store, key_prefix = _store(storage, run_prefix(storage, run_key))
     pattern = re.compile(re.escape(key_prefix) + r"checkpoint-(\d+)/" + re.escape(MANIFEST) + "$")
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-            for obj in page.get("Contents", []):
-                m = pattern.match(obj["Key"])
-                if m and (best is None or int(m.group(1)) > best.step):
-                    step = int(m.group(1))
-                    best = StoredCheckpoint(step, f"s3://{bucket}/{key_prefix}checkpoint-{step}/")
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchBucket", "404"):
-            return None
-        raise describe_client_error(exc, f"list {run_prefix(storage, run_key)}") from None
-    except BotoCoreError as exc:
-        raise describe_client_error(exc, f"list {run_prefix(storage, run_key)}") from None
-    return best
+    steps = [int(m.group(1)) for obj in store.list(key_prefix) if (m := pattern.match(obj["Key"]))]
+    if not steps:
+        return None
+    step = max(steps)
+    return StoredCheckpoint(step, f"s3://{store.bucket}/{key_prefix}checkpoint-{step}/")
 
 
 def delete_run(storage: StorageSettings, run_key: str) -> int:
     """Remove a run's checkpoints and staged adapter (after it was published). Returns objects deleted."""
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    bucket, key_prefix = parse_s3_uri(run_prefix(storage, run_key))
-    client = make_client(storage)
-    deleted = 0
-    try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-                deleted += len(keys)
-    except (ClientError, BotoCoreError) as exc:
-        raise describe_client_error(exc, f"delete {run_prefix(storage, run_key)}") from None
-    return deleted
+    store, key_prefix = _store(storage, run_prefix(storage, run_key))
+    keys = [obj["Key"] for obj in store.list(key_prefix)]
+    store.delete(keys)
+    return len(keys)
 
 
 def checkpoint_upload_callback(storage: StorageSettings, run_key: str):

@@ -17,11 +17,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loraflow.errors import IntegrityError, StorageError
+from loraflow.hashing import sha256_file
 from loraflow.log import get_logger
 from loraflow.registry.aliases import current_version
 from loraflow.registry.catalog import complete_versions, fetch_manifest, open_registry
 from loraflow.registry.layout import MANIFEST, parse_ref
-from loraflow.registry.store import sha256_file
 
 log = get_logger("registry")
 

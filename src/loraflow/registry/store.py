@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from loraflow.errors import IntegrityError, StorageError
+from loraflow.hashing import sha256_file
 from loraflow.log import get_logger
 from loraflow.s3 import describe_client_error, make_client
 
@@ -61,14 +62,6 @@ def digest_file(path: Path) -> FileDigest:
                 md5.update(chunk)
             size += len(chunk)
     return FileDigest(size, sha.hexdigest(), md5.hexdigest() if with_md5 else None)
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_READ_CHUNK):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def _is_transient(exc: Exception) -> bool:
