@@ -151,48 +151,48 @@ def test_s3_prefix_is_mirrored_and_pruned(tmp_path, data_home, s3_endpoint):
 
 # --------------------------------------------------------------------------- errors
 
-def test_error_missing_path(tmp_path, data_home):
-    s = settings_for(tmp_path / "nope.jsonl")
-    with pytest.raises(DataError, match="no such file or folder.*nope.jsonl"):
-        load_records(s.data, s.storage)
+def _missing(tmp):
+    return tmp / "nope.jsonl"
 
 
-def test_error_missing_text_column_lists_columns(tmp_path, data_home):
-    path = write_rows(tmp_path / "r.jsonl", [{"review": "x", "stars": 1}] * 4)
-    s = settings_for(path)
-    with pytest.raises(DataError, match=r"no text column 'text'.*data.text_column.*review, stars"):
-        load_records(s.data, s.storage)
+def _no_text_column(tmp):
+    return write_rows(tmp / "r.jsonl", [{"review": "x", "stars": 1}] * 4)
 
 
-def test_error_all_empty_texts(tmp_path, data_home):
-    path = write_rows(tmp_path / "r.jsonl", [{"text": "  "}, {"text": "<br /><br />"}, {"text": None}])
-    s = settings_for(path)
-    with pytest.raises(DataError, match=r"r.jsonl.*every value of column 'text' is empty"):
-        load_records(s.data, s.storage)
+def _all_empty(tmp):
+    return write_rows(tmp / "r.jsonl", [{"text": "  "}, {"text": "<br /><br />"}, {"text": None}])
 
 
-def test_error_empty_dataset(tmp_path, data_home):
-    path = write_rows(tmp_path / "empty.csv", [])
+def _empty_csv(tmp):
+    path = tmp / "empty.csv"
     path.write_text("text,label\n")
-    s = settings_for(path)
-    with pytest.raises(DataError, match=r"empty.csv.*empty"):
-        load_records(s.data, s.storage)
+    return path
 
 
-def test_error_unreadable_file(tmp_path, data_home):
-    path = tmp_path / "broken.jsonl"
+def _broken_jsonl(tmp):
+    path = tmp / "broken.jsonl"
     path.write_text('{"text": "fine"}\n{"text": oops not json\n')
-    s = settings_for(path)
-    with pytest.raises(DataError, match=r"cannot read .*broken.jsonl"):
-        load_records(s.data, s.storage)
+    return path
 
 
-def test_error_unsupported_file_type(tmp_path, data_home):
-    folder = tmp_path / "d"
-    write_rows(folder / "train.jsonl", review_rows(4))
-    (folder / "weights.pkl").write_bytes(b"\x80\x04")
-    s = settings_for(folder)
-    with pytest.raises(DataError, match=r"unsupported file type '.pkl'.*weights.pkl"):
+def _pickle_in_folder(tmp):
+    write_rows(tmp / "d" / "train.jsonl", review_rows(4))
+    (tmp / "d" / "weights.pkl").write_bytes(b"\x80\x04")
+    return tmp / "d"
+
+
+@pytest.mark.parametrize("make_source, message", [
+    (_missing, "no such file or folder.*nope.jsonl"),
+    (_no_text_column, r"no text column 'text'.*data.text_column.*review, stars"),
+    (_all_empty, r"r.jsonl.*every value of column 'text' is empty"),
+    (_empty_csv, r"empty.csv.*empty"),
+    (_broken_jsonl, r"cannot read .*broken.jsonl"),
+    (_pickle_in_folder, r"unsupported file type '.pkl'.*weights.pkl"),
+], ids=["missing-path", "missing-text-column", "all-empty-texts", "empty-dataset", "unreadable-file",
+        "unsupported-file-type"])
+def test_bad_sources_are_clear_errors_naming_file_and_field(tmp_path, data_home, make_source, message):
+    s = settings_for(make_source(tmp_path))
+    with pytest.raises(DataError, match=message):
         load_records(s.data, s.storage)
 
 
