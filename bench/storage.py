@@ -13,19 +13,17 @@ are timed separately: on a server without conditional writes they take the lock 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from fixtures_s3 import make_random_adapter_dir, s3_settings_for  # noqa: E402
-
-from loraflow.registry import publish_adapter, pull_adapter, set_alias  # noqa: E402
-from loraflow.registry.server import LocalS3Server  # noqa: E402
-from loraflow.registry.store import Store, transfer_config  # noqa: E402
+from loraflow.demo.s3server import LocalS3Server
+from loraflow.demo.tiny_models import make_random_adapter_dir
+from loraflow.registry import publish_adapter, pull_adapter, set_alias
+from loraflow.settings import load_settings
+from loraflow.storage.store import Store, transfer_config
 
 
 def main() -> int:
@@ -41,7 +39,8 @@ def main() -> int:
         total = sum(p.stat().st_size for p in adapter.iterdir())
         with LocalS3Server(tmp / "root", "127.0.0.1:0", "bench-access", "bench-secret-local",
                            buckets=("bench",)) as server:
-            settings = s3_settings_for(server, "bench")
+            os.environ.update(server.env())  # boto3's credential chain
+            settings = load_settings(storage=server.storage_overrides("bench"))
             store = Store(settings.storage)
             client = store.client
             store.check_bucket()

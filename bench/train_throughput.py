@@ -32,7 +32,7 @@ EVAL_DOCS = 24
 
 
 def review_texts() -> tuple[list[str], list[str]]:
-    from loraflow.assets import imdb_sample_rows
+    from loraflow.demo.assets import imdb_sample_rows
 
     clean = lambda t: t.replace("<br />", "\n")  # noqa: E731  (same cleaning for both stacks)
     return ([clean(r["text"]) for r in imdb_sample_rows("train")],
@@ -197,7 +197,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    from loraflow.testing import make_gpt2_model_dir
+    from loraflow.demo.tiny_models import make_gpt2_model_dir
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

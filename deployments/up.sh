@@ -49,7 +49,7 @@ wait_for() {  # wait_for WHAT SECONDS CMD...
 }
 
 mkdir -p "$S3_ROOT/$S3_BUCKET" "$PREFECT_HOME"
-RCLONE=$("$PY" -c "from loraflow.registry.server import find_rclone; print(find_rclone())")
+RCLONE=$("$PY" -c "from loraflow.demo.s3server import find_rclone; print(find_rclone())")
 start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" \
   --auth-key "$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY" --config /dev/null --dir-cache-time 1s
 wait_for "S3 server on :$S3_PORT" 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $S3_PORT), 1)"

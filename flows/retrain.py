@@ -8,38 +8,30 @@ A diverged training run or a failed evaluation stops the flow before anything is
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-# A worker loads this file as a script; make the repo's `flows`/`tasks` packages importable.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+import base64
+import re
+import time
+from typing import Any
 
-import base64  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
-
-from flows._common import (  # noqa: E402
+from loraflow.flows._common import (
     current_run_key,
     library_logs_in_prefect,
-    parameters_for_deployment,
     seed_settings,
     with_worker_environment,
 )
-from flows.train_adapter import train_adapter_flow  # noqa: E402
-from prefect import flow, get_run_logger  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from loraflow.flows.train_adapter import train_adapter_flow
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from loraflow.errors import LoraflowError, TrainingError  # noqa: E402
-from loraflow.promotion import GateDecision, decide  # noqa: E402
-from loraflow.settings import Settings  # noqa: E402
-from tasks.evaluate import evaluate_task  # noqa: E402
-from tasks.prepare import prepare_dataset_task  # noqa: E402
-from tasks.promote import promote_task, pull_version_task, read_champion_task  # noqa: E402
-from tasks.publish import publish_task  # noqa: E402
-from tasks.train import fetch_staged_task  # noqa: E402
+from loraflow.errors import LoraflowError, TrainingError
+from loraflow.promotion import GateDecision, decide
+from loraflow.settings import Settings
+from loraflow.tasks.evaluate import evaluate_task
+from loraflow.tasks.prepare import prepare_dataset_task
+from loraflow.tasks.promote import promote_task, pull_version_task, read_champion_task
+from loraflow.tasks.publish import publish_task
+from loraflow.tasks.train import fetch_staged_task
 
 
 def _artifact_key(name: str, what: str) -> str:
@@ -53,7 +45,8 @@ def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
     from prefect.deployments import run_deployment
 
     deployment = settings.prefect.train_deployment
-    child = run_deployment(deployment, parameters={"settings": parameters_for_deployment(settings), "run_key": run_key},
+    # Settings hold no secrets; the worker resolves the storage location and credentials itself.
+    child = run_deployment(deployment, parameters={"settings": settings.model_dump(mode="json"), "run_key": run_key},
                            timeout=None, poll_interval=5)
     if child.state is None or not child.state.is_completed():
         state = child.state.type.value if child.state else "unknown"
@@ -72,7 +65,7 @@ def measure_champion(settings: Settings, eval_fingerprint: str) -> dict[str, Any
                     champion["version"], champion["recorded_on"])
         try:
             path = pull_version_task(settings, champion["version"])
-            champion["ppl"] = evaluate_task(settings, path, write=False)["adapter_ppl"]
+            champion["ppl"] = evaluate_task(settings, path)["adapter_ppl"]
             champion["remeasured"] = True
         except LoraflowError as exc:
             logger.warning("could not evaluate champion %s: %s", champion["version"], exc)
@@ -154,10 +147,8 @@ def _retrain(settings: Settings) -> dict[str, Any]:
                **{k: train.get(k) for k in ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "final_loss")}}
     from prefect.runtime import flow_run
 
-    published = publish_task(settings, train["adapter_dir"], extra={
-        "metrics": metrics,
+    published = publish_task(settings, train["adapter_dir"], train, evaluation, extra={
         "eval_fingerprint": evaluation.get("eval_fingerprint"),
-        "dataset_fingerprint": data["fingerprint"],
         "flow_run_id": flow_run.id,
         "flow_run_name": flow_run.name,
     })

@@ -7,27 +7,19 @@ resumes from the last checkpoint instead of step 0."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
-# A worker loads this file as a script (cwd = the repo root via the deployment's pull step); the
-# path line also makes `tasks`/`flows` importable when loaded from anywhere else.
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-from flows._common import (  # noqa: E402
+from loraflow.flows._common import (
     current_run_key,
     library_logs_in_prefect,
     seed_settings,
     with_worker_environment,
 )
-from prefect import flow  # noqa: E402
+from prefect import flow
 
-from loraflow.settings import Settings  # noqa: E402
-from tasks.train import train_task  # noqa: E402
+from loraflow.settings import Settings
+from loraflow.tasks.train import train_task
 
 
 @flow(name="train-adapter")

@@ -11,17 +11,15 @@ from prefect.cache_policies import NO_CACHE
 
 from loraflow.errors import TrainingError
 from loraflow.settings import Settings
-from tasks._retry import retry_transient
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
-def evaluate_task(settings: Settings, adapter_dir: str, *, write: bool = True) -> dict[str, Any]:
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(settings: Settings, adapter_dir: str) -> dict[str, Any]:
     from pathlib import Path
 
     from loraflow.evaluation import evaluate_adapter
 
-    result = evaluate_adapter(settings, Path(adapter_dir), write=write).to_dict()
+    result = evaluate_adapter(settings, Path(adapter_dir)).to_dict()
     for key in ("base_ppl", "adapter_ppl"):
         value = result.get(key)
         if value is None or not math.isfinite(float(value)):

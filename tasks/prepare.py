@@ -10,11 +10,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.settings import Settings
-from tasks._retry import IO_BACKOFF, IO_RETRIES, retry_transient
 
 
-@task(name="prepare-dataset", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@task(name="prepare-dataset", cache_policy=NO_CACHE)
 def prepare_dataset_task(settings: Settings) -> dict[str, Any]:
     from loraflow.data import prepare_dataset
     from loraflow.modeling import load_tokenizer

@@ -10,7 +10,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.settings import Settings
-from tasks._retry import IO_BACKOFF, IO_RETRIES, retry_transient
 
 
 def recorded_metrics(manifest: dict[str, Any]) -> tuple[str | None, float | None]:
@@ -24,8 +23,7 @@ def recorded_metrics(manifest: dict[str, Any]) -> tuple[str | None, float | None
     return None, None
 
 
-@task(name="read-champion", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@task(name="read-champion", cache_policy=NO_CACHE)
 def read_champion_task(settings: Settings, eval_fingerprint: str) -> dict[str, Any]:
     """{"version": str|None, "ppl": float|None (None: must be re-measured), "recorded_on": fingerprint}."""
     from loraflow.registry import get_alias, read_manifest
@@ -39,16 +37,14 @@ def read_champion_task(settings: Settings, eval_fingerprint: str) -> dict[str, A
     return {"version": version, "ppl": ppl if same_eval_set else None, "recorded_on": fingerprint}
 
 
-@task(name="pull-champion", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
-      retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+@task(name="pull-champion", cache_policy=NO_CACHE)
 def pull_version_task(settings: Settings, version: str) -> str:
     from loraflow.registry import pull_adapter
 
     return str(pull_adapter(f"{settings.registry.adapter_name}=={version}", settings=settings))
 
 
-@task(name="promote", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF, retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@task(name="promote", cache_policy=NO_CACHE)
 def promote_task(settings: Settings, version: str, expected_version: str | None) -> str:
     """Point the promote alias at `version`, only if it still points at `expected_version`."""
     from loraflow.registry import set_alias

@@ -16,7 +16,11 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from loraflow.settings import Settings
-from tasks._retry import retry_transient
+from loraflow.tasks._retry import retry_transient
+
+
+STAGED = "final/"
+STAGED_LOGS = "final-logs/"
 
 
 def run_dir(run_key: str) -> Path:
@@ -44,11 +48,12 @@ def sync_checkpoint(settings: Settings, run_key: str, out: Path) -> int:
     for step in _local_steps(out):
         if step > stored.step:
             shutil.rmtree(out / f"checkpoint-{step}")
-    checkpoints.download_dir(settings.storage, stored.uri, out / f"checkpoint-{stored.step}")
+    checkpoints.download(settings.storage, stored.uri, out / f"checkpoint-{stored.step}")
     log.info("resuming run %s from checkpoint step %d (%s, sha256 verified)", run_key, stored.step, stored.uri)
     return stored.step
 
 
+# One retry: the second attempt resumes from the newest checkpoint in storage (see above).
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 def train_task(settings: Settings, run_key: str) -> dict[str, Any]:
@@ -61,36 +66,35 @@ def train_task(settings: Settings, run_key: str) -> dict[str, Any]:
     if settings.training.save_strategy != "no":
         callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key))
     result = training.train_adapter(settings, output_dir=out, resume=bool(local), callbacks=callbacks)
-    info = result.to_dict()
+    info = {**result.to_dict(), "resumed_from_step": local[-1] if local else 0, "run_key": run_key}
 
-    # Stage the finished adapter (+ loss history and curve) in storage, so evaluation and
-    # publishing can happen on another machine than training (the GPU pool).
-    staged = out / "staged"
-    if staged.exists():
-        shutil.rmtree(staged)
-    shutil.copytree(result.adapter_dir, staged)
-    for extra in (result.history_path, result.loss_curve_path):
-        if extra and Path(extra).is_file() and not (staged / Path(extra).name).exists():
-            shutil.copy2(extra, staged / Path(extra).name)
-    staged_uri = checkpoints.upload_dir(settings.storage, staged, checkpoints.run_prefix(settings.storage, run_key) + "final/",
-                                        extra={"train": info}, allowed_suffixes=checkpoints.ADAPTER_SUFFIXES)
-    return {**info, "adapter_dir": str(result.adapter_dir), "staged_uri": staged_uri,
-            "resumed_from_step": local[-1] if local else 0, "run_key": run_key}
+    # Stage the adapter's PEFT files (and, apart, the loss history and curve) in storage, so the
+    # next steps can run on another machine than training (the GPU pool).
+    prefix = checkpoints.run_prefix(settings.storage, run_key)
+    checkpoints.upload_dir(settings.storage, result.adapter_dir, prefix + STAGED, kind="adapter", train=info)
+    logs = out / "staged-logs"
+    shutil.rmtree(logs, ignore_errors=True)
+    logs.mkdir()
+    for path in (result.history_path, result.loss_curve_path):
+        if Path(path).is_file():
+            shutil.copy2(path, logs / Path(path).name)
+    checkpoints.upload_dir(settings.storage, logs, prefix + STAGED_LOGS, kind="logs")
+    return {**info, "adapter_dir": str(result.adapter_dir), "staged_uri": prefix + STAGED}
 
 
-@task(name="fetch-trained-adapter", retries=3, retry_delay_seconds=[2, 4, 8], retry_condition_fn=retry_transient,
-      cache_policy=NO_CACHE)
+@task(name="fetch-trained-adapter", cache_policy=NO_CACHE)
 def fetch_staged_task(settings: Settings, run_key: str) -> dict[str, Any]:
-    """After training ran on another worker: download the staged adapter (safetensors + JSON only,
-    sha256-verified) and return the training result recorded with it."""
+    """After training ran on another worker: download the staged adapter (PEFT files, sha256-verified)
+    and its loss history, and return the training result recorded with it."""
     from loraflow import checkpoints
 
-    uri = checkpoints.run_prefix(settings.storage, run_key) + "final/"
-    dest = run_dir(run_key) / "staged"
-    manifest = checkpoints.download_dir(settings.storage, uri, dest, allowed_suffixes=checkpoints.ADAPTER_SUFFIXES)
+    prefix = checkpoints.run_prefix(settings.storage, run_key)
+    dest = run_dir(run_key)
+    manifest = checkpoints.download(settings.storage, prefix + STAGED, dest / "staged", kind="adapter")
+    checkpoints.download(settings.storage, prefix + STAGED_LOGS, dest / "staged-logs", kind="logs")
     info = dict(manifest.get("train") or {})
     for key in ("history_path", "loss_curve_path"):
         if info.get(key):
-            local = dest / Path(info[key]).name
+            local = dest / "staged-logs" / Path(info[key]).name
             info[key] = str(local) if local.is_file() else None
-    return {**info, "adapter_dir": str(dest), "staged_uri": uri, "run_key": run_key}
+    return {**info, "adapter_dir": str(dest / "staged"), "staged_uri": prefix + STAGED, "run_key": run_key}

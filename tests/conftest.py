@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -16,6 +17,15 @@ for var, value in {
 }.items():
     os.environ.setdefault(var, value)
 
+# Every local S3 server of the suite accepts this one key, which boto3's standard credential chain
+# finds in the environment, as on a real worker. Settings never hold credentials.
+TEST_ACCESS_KEY = "loraflow-test"
+TEST_SECRET_KEY = "test-secret-" + secrets.token_hex(8)
+os.environ["AWS_ACCESS_KEY_ID"] = TEST_ACCESS_KEY
+os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET_KEY
+for var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(var, None)
+
 sys.path.insert(0, str(Path(__file__).parent))
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +35,7 @@ pytest_plugins: list[str] = ["fixtures_data", "fixtures_s3", "fixtures_assets", 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random-weight 2-layer GPT-2 (DialoGPT architecture) with the real GPT-2 tokenizer."""
-    from loraflow.testing import make_gpt2_model_dir
+    from loraflow.demo.tiny_models import make_gpt2_model_dir
 
     return make_gpt2_model_dir(tmp_path_factory.mktemp("tiny-gpt2"), "tiny")
 

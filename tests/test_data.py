@@ -4,6 +4,7 @@ and packed attention == separate attention on real (tiny) models."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -100,7 +101,7 @@ def s3_endpoint(request, tmp_path):
     """The shared `s3_server` fixture when it exists, else a private `rclone serve s3`."""
     try:
         server = request.getfixturevalue("s3_server")
-        return server.endpoint_url, server.access_key, server.secret_key
+        return server.endpoint_url
     except pytest.FixtureLookupError:
         pass
     rclone = shutil.which("rclone") or str(Path(sys.executable).parent / "rclone")
@@ -110,7 +111,7 @@ def s3_endpoint(request, tmp_path):
     root = tmp_path / "s3root"
     root.mkdir()
     proc = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
-                             "--auth-key", "datakey,datasecret"],
+                             "--auth-key", f"{os.environ['AWS_ACCESS_KEY_ID']},{os.environ['AWS_SECRET_ACCESS_KEY']}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     request.addfinalizer(lambda: (proc.terminate(), proc.wait(10)))
     deadline = time.time() + 30
@@ -120,14 +121,13 @@ def s3_endpoint(request, tmp_path):
             break
         except OSError:
             time.sleep(0.1)
-    return f"http://127.0.0.1:{port}", "datakey", "datasecret"
+    return f"http://127.0.0.1:{port}"
 
 
 def test_s3_prefix_is_mirrored_and_pruned(tmp_path, data_home, s3_endpoint):
-    from loraflow.s3 import make_client
+    from loraflow.storage.client import make_client
 
-    endpoint, key, secret = s3_endpoint
-    storage = {"endpoint_url": endpoint, "aws_access_key_id": key, "aws_secret_access_key": secret}
+    storage = {"endpoint_url": s3_endpoint}
     bucket = f"data-{time.time_ns()}"
     s = load_settings(data={"source": f"s3://{bucket}/imdb/", "max_length": 64}, storage=storage)
     client = make_client(s.storage)

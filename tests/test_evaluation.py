@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 
 def test_token_loss_is_the_models_own_token_weighted_loss(tiny_settings):
@@ -34,6 +35,7 @@ def test_token_loss_is_the_models_own_token_weighted_loss(tiny_settings):
 
 def test_perplexity_drops_after_training_on_reviews(tiny_settings, tiny_model_dir, tmp_path):
     from loraflow.evaluation import EVAL_PROMPTS, evaluate_adapter
+    from loraflow.release import write_release
     from loraflow.training import train_adapter
 
     settings = tiny_settings("training.max_steps=16", "training.learning_rate=1e-2", "training.logging_steps=8")
@@ -47,16 +49,27 @@ def test_perplexity_drops_after_training_on_reviews(tiny_settings, tiny_model_di
     assert [g["prompt"] for g in result.generations] == list(EVAL_PROMPTS)
     assert all(g["text"] and g["base_text"] for g in result.generations)
 
-    metrics = json.loads((train.adapter_dir / "metrics.json").read_text())
+    # Evaluation writes nothing into the adapter it read; the release writer does, once.
+    assert {p.name for p in train.adapter_dir.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    release = write_release(train.adapter_dir, tmp_path / "release", settings=settings, train=train.to_dict(),
+                            evaluation=result.to_dict(), name="imdb-tiny")
+    metrics = json.loads((release / "metrics.json").read_text())
     for key in ("base_ppl", "adapter_ppl", "eval_loss", "eval_tokens", "train_tokens", "train_time_s",
                 "global_step", "dataset_fingerprint", "eval_fingerprint"):
         assert key in metrics, key
     assert metrics["train_tokens"] == train.train_tokens and metrics["global_step"] == 16
-    card = (train.adapter_dir / "README.md").read_text()
+    card = (release / "README.md").read_text()
     assert "adapter_ppl" in card and EVAL_PROMPTS[0] in card and str(tiny_model_dir) in card
+    # The Hub's PEFT card header: library_name, base_model, datasets, and the results as a model-index.
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "peft" and header["base_model"] == str(tiny_model_dir)
+    assert header["datasets"] == [settings.data.source]
+    [entry] = header["model-index"][0]["results"]
+    assert {m["name"]: m["value"] for m in entry["metrics"]}["adapter perplexity"] == round(result.adapter_ppl, 4)
+    assert yaml.safe_load((release / "loraflow.yaml").read_text())["lora"]["r"] == settings.lora.r
 
     # Greedy generations are reproducible: a second evaluation gives the same texts and numbers.
-    again = evaluate_adapter(settings, train.adapter_dir, write=False)
+    again = evaluate_adapter(settings, train.adapter_dir)
     assert again.generations == result.generations
     assert again.adapter_ppl == pytest.approx(result.adapter_ppl, rel=1e-6)
 

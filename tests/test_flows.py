@@ -47,7 +47,7 @@ def _run_artifacts_and_logs(flow_run_id: str):
 
 def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
         prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home, cli):
-    from flows.retrain import retrain
+    from loraflow.flows.retrain import retrain
 
     from loraflow.registry import get_alias, list_versions, read_manifest
 
@@ -85,12 +85,9 @@ def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
     # not apply and the gate measures the champion again on this run's eval set.
     config = flow_home.parent / "tiny.yaml"
     public = settings.public_dict()
-    public["storage"] = {k: v for k, v in public["storage"].items() if not k.startswith("aws_")}
     config.write_text(yaml.safe_dump(public))
     code, out, err = cli("run", "--config", str(config), "--json", "--set", "training.learning_rate=0",
-                         "--set", "data.max_eval_samples=6",
-                         "--set", f"storage.aws_access_key_id={s3_server.access_key}",
-                         "--set", f"storage.aws_secret_access_key={s3_server.secret_key}")
+                         "--set", "data.max_eval_samples=6")
     assert code == 0, err[-3000:]
     second = json.loads(out)
     assert not second["promoted"]
@@ -152,7 +149,7 @@ class _CrashAfterStep:
 
 def test_crashed_training_resumes_from_the_stored_checkpoint(
         prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home, monkeypatch):
-    from flows.train_adapter import train_adapter_flow
+    from loraflow.flows.train_adapter import train_adapter_flow
     from transformers import TrainerCallback
 
     from loraflow import training
@@ -196,7 +193,7 @@ def test_crashed_training_resumes_from_the_stored_checkpoint(
 
 def test_a_diverged_training_run_publishes_nothing(prefect_server, s3_server, tiny_model_dir, imdb_data_dir,
                                                    flow_home):
-    from flows.retrain import retrain
+    from loraflow.flows.retrain import retrain
 
     from loraflow.errors import TrainingError
     from loraflow.registry import get_alias, list_versions

@@ -28,14 +28,14 @@ def _sha(path: Path) -> str:
 
 
 def test_publish_writes_layout_and_manifest(s3_server, s3_bucket, s3_settings, tiny_adapter_dir):
-    pv = publish_adapter(s3_settings, tiny_adapter_dir, name="imdb",
-                         extra={"flow_run_id": "run-123", "dataset_fingerprint": "fp-1",
-                                "metrics": {"adapter_ppl": 12.5}})
+    pv = publish_adapter(s3_settings, tiny_adapter_dir, name="imdb", extra={"flow_run_id": "run-123"},
+                         train={"dataset_source": "imdb", "dataset_fingerprint": "fp-1"},
+                         evaluation={"adapter_ppl": 12.5})
     prefix = f"adapters/imdb/versions/{pv.version}/"
     objects = _objects(s3_server, s3_bucket)
     assert {k for k in objects if k.startswith(prefix)} == {
         prefix + n for n in ("adapter_config.json", "adapter_model.safetensors", "README.md",
-                             "metrics.json", "manifest.json")}
+                             "metrics.json", "loraflow.yaml", "manifest.json")}
     manifest = json.loads(objects[prefix + "manifest.json"].read_text())
     assert manifest == read_manifest(s3_settings, "imdb", pv.version) == pv.manifest
     for entry in manifest["files"]:
@@ -45,19 +45,19 @@ def test_publish_writes_layout_and_manifest(s3_server, s3_bucket, s3_settings, t
     assert manifest["flow_run_id"] == "run-123"
     assert manifest["dataset"] == {"source": "imdb", "fingerprint": "fp-1"}
     assert manifest["metrics"] == {"adapter_ppl": 12.5}
-    assert manifest["base_model"]["name_or_path"] == json.loads(
+    assert manifest["base_model"]["id"] == json.loads(
         (tiny_adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert manifest["lora"]["r"] == 4 and manifest["settings"]["lora"]["r"] == 16
     assert manifest["loraflow"]["version"] and manifest["created_at"].endswith("Z")
     assert get_alias(s3_settings, "imdb", "latest") == pv.version
-    # The secret is nowhere in storage: not in the manifest's settings dump, not in any object.
+    # The secret is nowhere in storage: settings hold none, and no object carries it.
     secret = s3_server.secret_key.encode()
-    assert manifest["settings"]["storage"]["aws_secret_access_key"] == "**********"
+    assert "storage" not in manifest["settings"]
     assert not [k for k, p in objects.items() if secret in p.read_bytes()]
 
 
 def test_versions_sort_by_creation_and_list_metrics(s3_settings, tiny_adapter_dir):
-    first = publish_adapter(s3_settings, tiny_adapter_dir, name="m", aliases=[], extra={"metrics": {"adapter_ppl": 3.0}})
+    first = publish_adapter(s3_settings, tiny_adapter_dir, name="m", aliases=[], evaluation={"adapter_ppl": 3.0})
     second = publish_adapter(s3_settings, tiny_adapter_dir, name="m", aliases=["latest"])
     assert first.version < second.version
     rows = list_versions(s3_settings, "m")
@@ -118,7 +118,7 @@ def test_flipped_byte_is_refused_and_nothing_cached(s3_server, s3_bucket, s3_set
     data = bytearray(stored.read_bytes())
     data[len(data) // 2] ^= 0x01
     stored.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="adapter_model.safetensors: checksum does not match"):
+    with pytest.raises(IntegrityError, match="adapter_model.safetensors: content does not match the manifest"):
         pull_adapter("imdb@latest", settings=s3_settings, dest=tmp_path)
     assert list((tmp_path / "imdb").iterdir()) == []  # no version dir, no temporary leftovers
 
@@ -127,7 +127,7 @@ def test_pickled_weights_refused_both_ways(s3_server, s3_bucket, s3_settings, ti
     bad = tmp_path / "bad"
     shutil.copytree(tiny_adapter_dir, bad)
     (bad / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
-    with pytest.raises(ConfigError, match="pickled weights are refused"):
+    with pytest.raises(ConfigError, match="pickled files are refused"):
         publish_adapter(s3_settings, bad, name="imdb")
     # A manifest in storage that lists a pickle is refused before anything is downloaded.
     pv = publish_adapter(s3_settings, tiny_adapter_dir, name="imdb")
@@ -135,7 +135,7 @@ def test_pickled_weights_refused_both_ways(s3_server, s3_bucket, s3_settings, ti
     manifest = json.loads(manifest_path.read_text())
     manifest["files"].append({"name": "adapter_model.bin", "size": 1, "sha256": "0" * 64})
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(IntegrityError, match="pickled weights are refused"):
+    with pytest.raises(IntegrityError, match="pickled files are refused"):
         pull_adapter("imdb", settings=s3_settings, dest=tmp_path / "cache")
     assert not (tmp_path / "cache" / "imdb" / pv.version).exists()
 
@@ -185,7 +185,7 @@ def test_rclone_ignores_conditional_writes_so_the_lock_is_used(s3_settings):
     """Evidence for the CAS mechanism: rclone 1.75.2 answers 200 to a PutObject whose
     If-None-Match/If-Match should fail, so the probe must pick the lock."""
     from loraflow.registry.aliases import _probe, cas_mode
-    from loraflow.registry.store import Store
+    from loraflow.storage.store import Store
 
     store = Store(s3_settings.storage)
     store.put_bytes("k.json", b"1")
@@ -234,10 +234,8 @@ def test_gc_removes_only_old_incomplete_versions(s3_server, s3_bucket, s3_settin
 
 # --- CLI ---------------------------------------------------------------------------------------
 
-def _storage_args(server, bucket, secret=None, endpoint=None):
-    return ["--set", f"storage.endpoint_url={endpoint or server.endpoint_url}", "--set", f"storage.bucket={bucket}",
-            "--set", f"storage.aws_access_key_id={server.access_key}",
-            "--set", f"storage.aws_secret_access_key={secret or server.secret_key}"]
+def _storage_args(server, bucket, endpoint=None):
+    return ["--set", f"storage.endpoint_url={endpoint or server.endpoint_url}", "--set", f"storage.bucket={bucket}"]
 
 
 def test_cli_publish_versions_promote_pull_gc(cli, s3_server, s3_bucket, tiny_adapter_dir, tmp_path):
@@ -269,10 +267,14 @@ def _one_line_error(cli, *argv) -> str:
     return err.strip()
 
 
-def test_cli_errors_are_one_clear_line_without_secrets(cli, s3_server, s3_bucket, tiny_adapter_dir, tmp_path):
+def test_cli_errors_are_one_clear_line_without_secrets(cli, s3_server, s3_bucket, tiny_adapter_dir, tmp_path,
+                                                       monkeypatch):
     ok = _storage_args(s3_server, s3_bucket)
     cli("publish", str(tiny_adapter_dir), "--name", "imdb", *ok)
     wrong_secret = "wrong-" + s3_server.secret_key
+    with monkeypatch.context() as env:
+        env.setenv("AWS_SECRET_ACCESS_KEY", wrong_secret)  # the credential chain hands boto3 a bad key
+        wrong = _one_line_error(cli, "publish", str(tiny_adapter_dir), "--name", "imdb", *ok)
     errors = {
         "unknown name": _one_line_error(cli, "pull", "nope", "--dest", str(tmp_path), *ok),
         "unknown alias": _one_line_error(cli, "pull", "imdb@champion", "--dest", str(tmp_path), *ok),
@@ -281,8 +283,7 @@ def test_cli_errors_are_one_clear_line_without_secrets(cli, s3_server, s3_bucket
         "versions of unknown": _one_line_error(cli, "versions", "nope", *ok),
         "bad name": _one_line_error(cli, "publish", str(tiny_adapter_dir), "--name", "../x", *ok),
         "missing bucket": _one_line_error(cli, "versions", "imdb", *_storage_args(s3_server, "no-such-bucket")),
-        "wrong secret": _one_line_error(cli, "publish", str(tiny_adapter_dir), "--name", "imdb",
-                                        *_storage_args(s3_server, s3_bucket, secret=wrong_secret)),
+        "wrong secret": wrong,
         "unreachable": _one_line_error(cli, "pull", "imdb", "--dest", str(tmp_path),
                                        *_storage_args(s3_server, s3_bucket, endpoint="http://127.0.0.1:9")),
         "not an adapter": _one_line_error(cli, "publish", str(tmp_path), "--name", "imdb", *ok),

@@ -3,6 +3,7 @@ readers racing publishers."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -73,10 +74,10 @@ def test_concurrent_compare_and_swap_forms_one_chain(s3_server, s3_bucket, s3_se
 
 @pytest.fixture
 def own_server(tmp_path):
-    from loraflow.registry.server import LocalS3Server
+    from loraflow.demo.s3server import LocalS3Server
 
-    server = LocalS3Server(tmp_path / "root", "127.0.0.1:0", access_key="fault-test",
-                           secret_key="fault-secret-123", buckets=("faults",))
+    server = LocalS3Server(tmp_path / "root", "127.0.0.1:0", access_key=os.environ["AWS_ACCESS_KEY_ID"],
+                           secret_key=os.environ["AWS_SECRET_ACCESS_KEY"], buckets=("faults",))
     with server:
         yield server
 
@@ -117,7 +118,7 @@ def test_server_killed_mid_publish_leaves_no_version(own_server, tmp_path):
     assert (path / "adapter_model.safetensors").read_bytes() == (big / "adapter_model.safetensors").read_bytes()
     gc = subprocess.run([*CLI, "gc", "big", "--grace", "0"], env=env, capture_output=True, text=True)
     assert gc.returncode == 0 and gc.stdout.startswith("removed 1 incomplete version(s)"), gc.stdout
-    assert [d.name for d in versions_dir.iterdir() if any(d.iterdir())] == [row["version"]]
+    assert [d.name for d in versions_dir.iterdir() if any(d.iterdir())] == [row["version"]], [list(d.rglob("*")) for d in versions_dir.iterdir()]
 
 
 def test_pull_during_publish_sees_only_complete_versions(s3_server, s3_bucket, s3_settings, tmp_path):

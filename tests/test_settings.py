@@ -73,13 +73,16 @@ def test_precedence_defaults_yaml_env_set(tmp_path, monkeypatch, cli):
     assert json.loads(out)["training"]["max_steps"] == 9  # --set beats the environment
 
 
-def test_list_override_and_secret_masking(monkeypatch, cli):
+def test_list_override_and_settings_hold_no_secrets(monkeypatch, cli):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-very-secret")
     s = load_settings(overrides=["lora.target_modules=[q_proj,v_proj]"])
     assert s.lora.target_modules == ["q_proj", "v_proj"]
-    assert s.storage.aws_secret_access_key.get_secret_value() == "hunter2-very-secret"
+    assert set(s.storage.model_dump()) == {"endpoint_url", "bucket", "prefix", "region", "profile"}
     code, out, err = cli("config", "show")
     assert code == 0 and "hunter2" not in out + err
+    # A credential is not a setting: trying to set one is an error naming the field.
+    with pytest.raises(ConfigError, match="storage.aws_secret_access_key: unknown setting"):
+        load_settings(overrides=["storage.aws_secret_access_key=x"])
 
 
 def test_missing_config_file_is_a_clear_error(cli, tmp_path):

@@ -3,7 +3,9 @@ resume equivalence and the NaN stop."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 import logging
 import warnings
 
@@ -118,13 +120,14 @@ def test_train_writes_adapter_the_seed_snippet_loads(tiny_settings, tiny_model_d
     progress = [r.getMessage() for r in caplog.records if r.name == "loraflow.train" and r.getMessage().startswith("step ")]
     assert len(progress) >= 4 and "step 4/4" in progress[-1] and "eta" in progress[-1]
 
+    # Training writes the PEFT files only; metrics and card come once, at the end (loraflow.release).
     files = {p.name for p in result.adapter_dir.iterdir()}
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json"} <= files
-    assert not any(name.endswith((".bin", ".pt", ".pth", ".pkl")) for name in files)
+    assert files == {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert config["fan_in_fan_out"] is True and config["r"] == 16
-    card = (result.adapter_dir / "README.md").read_text()
-    assert str(tiny_model_dir) in card and "r=16" in card and "global_step" in card
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # the id as configured
+    assert result.base_model_identity["weights"]["model.safetensors"] == \
+        hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest()
 
     history = [json.loads(line) for line in result.history_path.read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
@@ -220,8 +223,8 @@ def test_base_model_from_an_s3_mirror(s3_settings, tiny_model_dir, train_home, m
     from transformers import AutoModelForCausalLM
 
     from loraflow import modeling
-    from loraflow.errors import ModelError, StorageError
-    from loraflow.s3 import make_client
+    from loraflow.errors import ModelError
+    from loraflow.storage.client import make_client
 
     monkeypatch.setenv("LORAFLOW_HOME", str(train_home))
     client = make_client(s3_settings.storage)
@@ -240,9 +243,21 @@ def test_base_model_from_an_s3_mirror(s3_settings, tiny_model_dir, train_home, m
         assert torch.equal(a, b), name
     assert str(train_home / "models" / "s3" / bucket) in modeling.resolve_model_source(settings.model, settings.storage)
 
+    # Pickled weights beside the safetensors (as on many hub repos) are skipped, never downloaded.
     client.put_object(Bucket=bucket, Key="mirrors/tiny-gpt2/pytorch_model.bin", Body=b"not unpickled")
-    with pytest.raises(StorageError, match="pytorch_model.bin"):
-        modeling.load_base_model(settings)
+    local_dir = Path(modeling.resolve_model_source(settings.model, settings.storage))
+    assert not (local_dir / "pytorch_model.bin").exists() and (local_dir / "model.safetensors").is_file()
+
+    # Fresh: an object replaced in place with the same size is fetched again (ETag, not size).
+    client.put_object(Bucket=bucket, Key="mirrors/tiny-gpt2/notes.txt", Body=b"version one")
+    modeling.resolve_model_source(settings.model, settings.storage)
+    client.put_object(Bucket=bucket, Key="mirrors/tiny-gpt2/notes.txt", Body=b"version two")
+    modeling.resolve_model_source(settings.model, settings.storage)
+    assert (local_dir / "notes.txt").read_bytes() == b"version two"
+    # ... and one removed from the bucket is removed from the mirror.
+    client.delete_object(Bucket=bucket, Key="mirrors/tiny-gpt2/notes.txt")
+    modeling.resolve_model_source(settings.model, settings.storage)
+    assert not (local_dir / "notes.txt").exists()
 
     settings.model.name_or_path = "./no/such/model-dir"
     with pytest.raises(ModelError, match="no such model directory"):

@@ -9,7 +9,6 @@ tokens) over the whole split, not a mean of per-batch perplexities.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -108,14 +107,14 @@ def _count_documents(prepared: PreparedDataset) -> int:
 
 
 def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: PreparedDataset | None = None,
-                     write: bool = True, tokenizer=None) -> EvalResult:
-    """Base vs base + adapter on the eval split; with `write`, merges the numbers into
-    `adapter_dir/metrics.json` and re-renders the model card."""
+                     tokenizer=None) -> EvalResult:
+    """Base vs base + adapter on the eval split. Writes nothing: the numbers go into a release
+    directory through loraflow.release, never back into the adapter directory it read (which may
+    be a verified cache entry)."""
     from peft import PeftModel
 
     from loraflow import modeling
     from loraflow.data import PackedCollator, prepare_dataset
-    from loraflow.model_card import write_model_card
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -153,13 +152,6 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
     )
     log.info("eval: base ppl %.3f -> adapter ppl %.3f over %d tokens (%d documents)",
              result.base_ppl, result.adapter_ppl, tokens, result.eval_documents)
-    if write:
-        path = adapter_dir / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.exists() else {}
-        metrics.update(result.to_dict())
-        metrics.setdefault("base_model", settings.model.name_or_path)
-        path.write_text(json.dumps(metrics, indent=2))
-        write_model_card(adapter_dir, settings)
     return result
 
 

@@ -1,14 +1,11 @@
-"""The adapter's `README.md` model card, rendered from what sits next to it (`metrics.json`,
-`loraflow.yaml`), so training writes it first and evaluation re-renders it with its numbers."""
+"""The adapter's `README.md` model card: the one renderer, called by `loraflow.release` when it
+writes a release directory. Its YAML header follows the Hub's PEFT convention (`library_name: peft`,
+`base_model`, `datasets`, tags, and a `model-index` with the evaluation results), so the card renders
+on the Hub and in any PEFT-aware tool."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from loraflow.settings import Settings
+from typing import Any
 
 
 def _fmt(value: Any) -> str:
@@ -19,36 +16,63 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any]) -> str:
+def _use_snippet(name: str | None, base: str) -> list[str]:
+    lines = []
+    if name:
+        # loraflow resolves the base model from the version's manifest (hub, or an s3:// mirror)
+        # and checks its weights against the recorded sha256s.
+        lines += ["```python", "import loraflow", "",
+                  f'model = loraflow.load_adapter("{name}@champion")  # or "{name}==<version>"', "```", ""]
+    if not base.startswith(("s3://", "/", ".", "~")):
+        lines += ["With transformers and peft alone, from a local copy of this directory:", "",
+                  "```python", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
+                  f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+                  'model = PeftModel.from_pretrained(base, "path/to/this/adapter")', "```", ""]
+    return lines
+
+
+def card_header(name: str | None, base: str, dataset: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    header: dict[str, Any] = {"library_name": "peft", "base_model": base, "pipeline_tag": "text-generation",
+                              "tags": ["lora", "loraflow", "causal-lm", "base_model:adapter:" + base]}
+    if dataset:
+        header["datasets"] = [dataset]
+    results = [{"type": "perplexity", "name": f"{who} perplexity", "value": round(float(metrics[key]), 4)}
+               for who, key in (("adapter", "adapter_ppl"), ("base model", "base_ppl")) if metrics.get(key) is not None]
+    if results:
+        header["model-index"] = [{
+            "name": name or "adapter",
+            "results": [{"task": {"type": "text-generation", "name": "Causal language modeling"},
+                         "dataset": {"name": dataset or "eval split", "type": dataset or "custom",
+                                     "split": "eval"},
+                         "metrics": results}],
+        }]
+    return header
+
+
+def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: str | None = None) -> str:
+    import yaml
+
     model = snapshot.get("model", {})
     data = snapshot.get("data", {})
     lora = snapshot.get("lora", {})
     training = snapshot.get("training", {})
     base = metrics.get("base_model") or model.get("name_or_path", "?")
+    dataset = metrics.get("dataset_source") or data.get("source")
     lines = [
         "---",
-        "library_name: peft",
-        f"base_model: {base}",
-        "tags: [lora, loraflow, causal-lm]",
+        yaml.safe_dump(card_header(name, base, dataset, metrics), sort_keys=False).rstrip(),
         "---",
         "",
-        f"# LoRA adapter for `{base}`",
+        f"# {name or 'LoRA adapter'} for `{base}`",
         "",
         "Trained by loraflow (transformers Trainer + peft LoRA).",
         "",
         "## Use",
         "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        "from peft import PeftModel",
-        "",
-        f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-        'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
-        "```",
-        "",
+        *_use_snippet(name, base),
         "## Data",
         "",
-        f"- source: `{metrics.get('dataset_source') or data.get('source', '?')}`"
+        f"- source: `{dataset or '?'}`"
         f" (text column `{data.get('text_column', 'text')}`)",
         f"- fingerprint: `{metrics.get('dataset_fingerprint', '?')}`",
         f"- max_length {data.get('max_length', '?')}, packing {'on' if data.get('packing') else 'off'}, "
@@ -85,21 +109,3 @@ def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any]) -> str:
                 lines.append(f"> base: {g['base_text'].strip()}".replace("\n", " "))
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
-
-
-def write_model_card(adapter_dir: Path, settings: Settings | None = None) -> Path:
-    import yaml
-
-    adapter_dir = Path(adapter_dir)
-    metrics_path = adapter_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    snap_path = adapter_dir / "loraflow.yaml"
-    if snap_path.exists():
-        snapshot = yaml.safe_load(snap_path.read_text()) or {}
-    elif settings is not None:
-        snapshot = settings.public_dict()
-    else:
-        snapshot = {}
-    path = adapter_dir / "README.md"
-    path.write_text(render_model_card(metrics, snapshot))
-    return path

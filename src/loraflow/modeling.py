@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraflow.errors import ModelError
+from loraflow.errors import IntegrityError, ModelError
 from loraflow.log import get_logger
 from loraflow.paths import cache_dir
-from loraflow.s3 import is_s3_uri, parse_s3_uri
+from loraflow.storage.client import is_s3_uri, parse_s3_uri
 
 if TYPE_CHECKING:
     import torch
@@ -27,11 +27,6 @@ log = get_logger("model")
 # peft 0.21 still reads `is_gradient_checkpointing`, which transformers 5.2x deprecated: a
 # FutureWarning on every model load that a user can do nothing about. Only that one is silenced.
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-
-# Files a base-model mirror may hold. Weights only as safetensors: a .bin/.pt/.pkl from storage
-# would be unpickled by torch, i.e. code execution from whoever can write to the bucket.
-# No .py either: remote code would run with trust_remote_code.
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tiktoken", ".md")
 
 # LoRA targets by architecture, used when the configured target_modules match nothing (the seed's
 # GPT-2 names `c_attn/c_proj` on a Llama). peft's own table only lists q/v for Llama; all four
@@ -146,26 +141,96 @@ def _requested_description(training: TrainingSettings, model_settings: ModelSett
 
 
 def resolve_model_source(model_settings: ModelSettings, storage: StorageSettings | None = None) -> str:
-    """A hub id or local directory that `from_pretrained` can open. `s3://` prefixes are mirrored
-    into `LORAFLOW_HOME/models/s3/<bucket>/<key>` first (files already there with the same size
-    are kept, so a second run downloads nothing)."""
+    """A hub id or local directory that `from_pretrained` can open. An `s3://` prefix is mirrored
+    into `LORAFLOW_HOME/models/s3/<bucket>/<key>` by the storage layer (safetensors, configs and
+    tokenizer files only; an object replaced in the bucket is fetched again, by ETag)."""
     name = model_settings.name_or_path
     if is_s3_uri(name):
-        if storage is None:
-            raise ModelError(f"model.name_or_path={name!r} is an s3:// prefix but no storage settings were given")
-        from loraflow.s3 import download_prefix
-
-        bucket, key = parse_s3_uri(name)
-        dest = cache_dir("models", "s3", bucket, *[p for p in key.split("/") if p])
-        log.info("mirroring base model %s -> %s", name, dest)
-        download_prefix(storage, name, dest, allowed_suffixes=MODEL_FILE_SUFFIXES)
-        return str(dest)
+        return str(_mirror(name, storage).path)
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)
     if name.startswith(("/", "./", "../", "~")) or path.exists():
         raise ModelError(f"model.name_or_path={name!r}: no such model directory")
     return name  # a hub id
+
+
+def _mirror(uri: str, storage: StorageSettings | None):
+    if storage is None:
+        raise ModelError(f"model.name_or_path={uri!r} is an s3:// prefix but no storage settings were given")
+    from loraflow.errors import StorageError
+    from loraflow.storage.transfer import mirror_uri
+
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return mirror_uri(storage, uri, cache_dir("models", "s3", bucket, *[p for p in key.split("/") if p]), "model")
+    except StorageError as exc:
+        raise ModelError(f"model.name_or_path={uri}: {exc}") from None
+
+
+_weight_hashes: dict[tuple, str] = {}
+
+
+def _hash_weights(directory: Path) -> dict[str, str]:
+    """sha256 of every safetensors file of a local model directory, memoised per process by path,
+    size and mtime (a run hashes its base model once, not once per step that loads it)."""
+    from loraflow.hashing import sha256_file
+
+    out = {}
+    for path in sorted(directory.rglob("*.safetensors")):
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _weight_hashes:
+            _weight_hashes[key] = sha256_file(path)
+        out[path.relative_to(directory).as_posix()] = _weight_hashes[key]
+    return out
+
+
+def base_model_identity(settings: Settings) -> dict[str, Any]:
+    """What the manifest records about the base model: its logical id (hub id, s3:// URI or the
+    directory as given, never a mirror path), revision, and the sha256 of each weight file, so a
+    host loading the adapter can check it got the same base."""
+    return model_identity(settings.model.name_or_path, settings.model.revision, settings.storage)
+
+
+def model_identity(name: str, revision: str | None, storage: StorageSettings | None) -> dict[str, Any]:
+    if is_s3_uri(name):
+        mirror = _mirror(name, storage)
+        weights = {e.name: e.sha256 for e in mirror.files if e.name.endswith(".safetensors")}
+    else:
+        weights = _hash_weights(local_model_dir(name, revision))
+    return {"id": name, "revision": revision, "weights": weights}
+
+
+def local_model_dir(name: str, revision: str | None) -> Path:
+    """Where a model's files are on this machine: the directory itself, or the hub cache's snapshot
+    of a hub id (after `from_pretrained` fetched it)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as exc:  # noqa: BLE001 - hub errors have many types; one line names the model
+        raise ModelError(f"{name}: the base model's files are not in the local hub cache ({type(exc).__name__})") from None
+
+
+def check_model_identity(recorded: dict[str, Any], storage: StorageSettings | None, where: str) -> None:
+    """Refuse, with one line, a base model whose weights differ from the recorded sha256s."""
+    expected = recorded.get("weights") or {}
+    if not expected:
+        log.warning("%s records no base-model weight hashes; the base model is not verified", where)
+        return
+    actual = model_identity(recorded["id"], recorded.get("revision"), storage)["weights"]
+    for file_name, digest in sorted(expected.items()):
+        if actual.get(file_name) != digest:
+            got = actual.get(file_name)
+            raise IntegrityError(
+                f"base model {recorded['id']}: {file_name} "
+                f"{'is missing' if got is None else f'has sha256 {got[:12]}…'}, but {where} was trained on "
+                f"sha256 {digest[:12]}…; refusing to load the adapter onto different weights")
 
 
 def load_tokenizer(settings: Settings):
@@ -293,9 +358,13 @@ def resolve_target_modules(model, lora: LoraSettings) -> tuple[list[str], bool]:
     return targets, fan_in_fan_out
 
 
-def apply_lora(model, lora: LoraSettings):
+def apply_lora(model, lora: LoraSettings, *, base_model: str | None = None, revision: str | None = None):
     """Wrap `model` in a peft LoRA model; logs trainable parameters like the seed notebook's
-    `print_trainable_parameters()`. Never returns a model with zero trainable parameters."""
+    `print_trainable_parameters()`. Never returns a model with zero trainable parameters.
+
+    `base_model` is the logical id written to adapter_config.json (`base_model_name_or_path`):
+    the hub id or s3:// URI the run was configured with, not the local directory peft would record
+    (a mirror under LORAFLOW_HOME means nothing on another host)."""
     from peft import LoraConfig, get_peft_model
 
     targets, fan_in_fan_out = resolve_target_modules(model, lora)
@@ -304,6 +373,9 @@ def apply_lora(model, lora: LoraSettings):
         task_type=lora.task_type, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
     )
     peft_model = get_peft_model(model, config)
+    if base_model is not None:
+        peft_model.peft_config["default"].base_model_name_or_path = base_model
+        peft_model.peft_config["default"].revision = revision
     trainable, total = peft_model.get_nb_trainable_parameters()
     if trainable == 0:
         raise ModelError(f"LoRA on {targets} left no trainable parameters")

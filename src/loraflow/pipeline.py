@@ -1,5 +1,4 @@
-"""prepare -> train -> evaluate in this process: what `loraflow train` runs, and what the Prefect
-flows call (they add callbacks, e.g. syncing checkpoints to object storage)."""
+"""prepare -> train -> evaluate -> release directory, in this process: what `loraflow train` runs."""
 
 from __future__ import annotations
 
@@ -51,11 +50,10 @@ def run_local(settings: Settings, *, output_dir: str | Path | None = None, resum
               print_table: bool = True) -> PipelineResult:
     """Prepare the data (from cache when unchanged), train the adapter, evaluate it against the
     base model, print a results table. Under torchrun every rank trains; rank 0 evaluates."""
-    import json
-
     from loraflow import modeling
     from loraflow.data import prepare_dataset
     from loraflow.evaluation import evaluate_adapter, format_results_table
+    from loraflow.release import write_release
     from loraflow.training import is_main_process, main_process_first, train_adapter
 
     timings: dict[str, float] = {}
@@ -80,10 +78,10 @@ def run_local(settings: Settings, *, output_dir: str | Path | None = None, resum
         log.info("phase eval: %.1fs", timings["eval_s"])
     result = PipelineResult(prepared.fingerprint, prepared.stats, train, result_eval, timings)
     if is_main_process():
-        metrics_path = train.adapter_dir / "metrics.json"
-        metrics = json.loads(metrics_path.read_text())
-        metrics["timings"] = timings
-        metrics_path.write_text(json.dumps(metrics, indent=2))
+        # The adapter directory becomes a release (metrics, settings, card), written once, here.
+        write_release(train.adapter_dir, settings=settings, train=train.to_dict(),
+                      evaluation=result_eval.to_dict() if result_eval else None)
         if print_table:
+            metrics = {**train.to_dict(), **(result_eval.to_dict() if result_eval else {})}
             print(format_results_table(metrics), flush=True)
     return result

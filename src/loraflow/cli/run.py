@@ -1,19 +1,16 @@
 """`loraflow run [--config FILE] [--set K=V ...]`: run the `retrain` flow once.
 
-Against the Prefect server in PREFECT_API_URL when set, else an ephemeral local one. The flow lives
-in the repository's top-level `flows/` package; the handler imports it lazily (library code never
-imports Prefect)."""
+Against the Prefect server in PREFECT_API_URL when set, else an ephemeral local one. The flow is
+`loraflow.flows.retrain` (the repository's top-level `flows/` folder, shipped in the package); the
+handler imports it lazily, since the library itself never imports Prefect."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from pathlib import Path
 
 from loraflow.cli import add_settings_args, settings_from_args
-from loraflow.errors import ConfigError
 
 # Prefect's ephemeral server needs ~20 s to start on 2 cores, and its default start-up timeout is 20 s.
 EPHEMERAL_STARTUP_TIMEOUT_S = "180"
@@ -36,22 +33,11 @@ def prefect_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_TIMEOUT_S)
 
 
-def repo_root() -> Path:
-    """The checkout holding flows/, tasks/ and deployments/ (the working directory or this package's)."""
-    candidates = [Path.cwd(), Path(__file__).resolve().parents[3]]
-    root = next((c for c in candidates if (c / "flows" / "retrain.py").is_file()), None)
-    if root is None:
-        raise ConfigError("cannot find the flows/ package: run from the loraflow repository root")
-    return root
-
-
 def import_retrain_flow():
-    """`flows.retrain.retrain`, from the installed package or from the repository checkout."""
-    try:
-        from flows.retrain import retrain
-    except ImportError:
-        sys.path.insert(0, str(repo_root()))
-        from flows.retrain import retrain
+    """`loraflow.flows.retrain.retrain`, imported only when a command runs it (importing Prefect
+    takes seconds)."""
+    from loraflow.flows.retrain import retrain
+
     return retrain
 
 

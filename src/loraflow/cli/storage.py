@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -20,15 +21,15 @@ def register(sub) -> None:
 
 def _serve(args) -> int:
     from loraflow.paths import cache_dir
-    from loraflow.registry.server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalS3Server
+    from loraflow.demo.s3server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalS3Server
 
     settings = settings_from_args(args)
     storage = settings.storage
-    # The server accepts the credentials the settings (or AWS_* variables) carry, so a shell
-    # configured for it talks to it unchanged; otherwise the loopback development default.
-    access = storage.aws_access_key_id.get_secret_value() if storage.aws_access_key_id else DEFAULT_ACCESS_KEY
-    secret_set = storage.aws_secret_access_key is not None
-    secret = storage.aws_secret_access_key.get_secret_value() if secret_set else DEFAULT_SECRET_KEY
+    # The server accepts the key this shell's AWS_* variables carry, so a shell configured for it
+    # talks to it unchanged; otherwise the loopback development default.
+    access = os.environ.get("AWS_ACCESS_KEY_ID") or DEFAULT_ACCESS_KEY
+    secret_set = bool(os.environ.get("AWS_SECRET_ACCESS_KEY"))
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"] if secret_set else DEFAULT_SECRET_KEY
     root = args.root or str(cache_dir("s3"))
     server = LocalS3Server(root, args.addr, access, secret, buckets=(storage.bucket,))
     stop = threading.Event()
@@ -40,10 +41,10 @@ def _serve(args) -> int:
         print(f"  export AWS_ENDPOINT_URL_S3={server.endpoint_url}")
         print(f"  export AWS_ACCESS_KEY_ID={access}")
         if secret_set:
-            print("  export AWS_SECRET_ACCESS_KEY=...   # the secret from your settings/environment")
+            print("  export AWS_SECRET_ACCESS_KEY=...   # the secret already in this shell's environment")
         else:
             print("  export AWS_SECRET_ACCESS_KEY=...   # the local development default: "
-                  "loraflow.registry.server.DEFAULT_SECRET_KEY")
+                  "loraflow.demo.s3server.DEFAULT_SECRET_KEY")
         print(f"  export LORAFLOW_STORAGE__BUCKET={storage.bucket}")
         print("stop with Ctrl-C", flush=True)
         while not stop.wait(0.5):

@@ -18,6 +18,7 @@ def register(sub) -> None:
 
     ev = sub.add_parser("eval", help="perplexity of base vs base + adapter on the eval split")
     ev.add_argument("--adapter", metavar="DIR", required=True, help="adapter directory (PEFT format)")
+    ev.add_argument("--json", action="store_true", help="also print the full result as JSON")
     add_settings_args(ev)
     ev.set_defaults(handler=_eval)
 
@@ -52,8 +53,8 @@ def _eval(args) -> int:
         # Without --config, evaluate with the model and data the adapter was trained on.
         config = snapshot
     settings = load_settings(config, args.overrides)
-    evaluate_adapter(settings, adapter)
-    metrics = json.loads((adapter / "metrics.json").read_text())
-    print(format_results_table(metrics))
-    print(f"metrics: {adapter / 'metrics.json'}")
+    result = evaluate_adapter(settings, adapter)  # reads the adapter, writes nothing into it
+    print(format_results_table(result.to_dict()))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
     return 0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from loraflow.errors import DataError, StorageError
 from loraflow.log import get_logger
 from loraflow.paths import cache_dir
-from loraflow.s3 import describe_client_error, is_s3_uri, make_client, parse_s3_uri
+from loraflow.storage.client import is_s3_uri, parse_s3_uri
 
 if TYPE_CHECKING:
     import datasets
@@ -62,63 +62,18 @@ def _looks_like_path(source: str) -> bool:
 
 
 def mirror_s3_source(storage: StorageSettings, uri: str) -> Path:
-    """Mirror an `s3://bucket/prefix` (or one object) into the cache and return the local path.
-
-    The mirror is pruned to exactly what is listed now: a file deleted or renamed in the bucket
-    must not keep feeding training from a stale local copy."""
-    from loraflow.s3 import download_prefix
+    """Mirror an `s3://bucket/prefix` (or one object) into the cache and return the local path,
+    through the storage layer: an object replaced in the bucket is fetched again (by ETag, even at
+    the same size) and one deleted or renamed there is removed here, so a stale copy never feeds
+    the fingerprint or training."""
+    from loraflow.storage.transfer import mirror_uri
 
     bucket, key = parse_s3_uri(uri)
     ident = hashlib.sha256(f"{storage.endpoint_url or 'aws'}|{bucket}|{key}".encode()).hexdigest()[:16]
-    dest = cache_dir("datasets", "s3", ident)
-    suffix = Path(key).suffix.lower()
-    if key and not key.endswith("/") and suffix in BUILDERS:
-        # A single object: download it as the only file of the mirror.
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        target = dest / Path(key).name
-        tmp = target.with_name(target.name + ".part")
-        try:
-            make_client(storage).download_file(bucket, key, str(tmp))
-        except (ClientError, BotoCoreError) as exc:
-            raise describe_client_error(exc, f"data.source {uri}") from None
-        tmp.replace(target)
-        for other in dest.rglob("*"):
-            if other.is_file() and other != target:
-                other.unlink()
-        log.info("mirrored %s -> %s", uri, target)
-        return target
-
-    prefix = key if not key or key.endswith("/") else key + "/"
     try:
-        download_prefix(storage, uri, dest)
+        return mirror_uri(storage, uri, cache_dir("datasets", "s3", ident), "data").path
     except StorageError as exc:
         raise DataError(f"data.source {uri}: {exc}") from None
-    listed = _list_keys(storage, bucket, prefix)
-    for local in sorted(dest.rglob("*"), reverse=True):
-        rel = local.relative_to(dest).as_posix()
-        if local.is_file() and rel not in listed:
-            local.unlink()
-        elif local.is_dir() and not any(local.iterdir()):
-            local.rmdir()
-    log.info("mirrored %s (%d objects) -> %s", uri, len(listed), dest)
-    return dest
-
-
-def _list_keys(storage: StorageSettings, bucket: str, prefix: str) -> set[str]:
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    keys: set[str] = set()
-    try:
-        pages = make_client(storage).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(prefix):]
-                if rel and not rel.endswith("/"):
-                    keys.add(rel)
-    except (ClientError, BotoCoreError) as exc:
-        raise describe_client_error(exc, f"list s3://{bucket}/{prefix}") from None
-    return keys
 
 
 def _find_acl_imdb_root(folder: Path) -> Path | None:

@@ -1,9 +1,9 @@
 """The adapter registry on S3-compatible storage: immutable checksummed versions, aliases moved by
 compare-and-swap, and a verified pull client for downstream services.
 
-Modules: layout (keys and names), store (boto3 operations), manifest, publish, aliases (CAS),
-catalog (read / promote), pull, gc, server (the local `rclone serve s3`). Importing this package
-is cheap; boto3, torch and peft load when a function needs them.
+Modules: layout (keys and names), manifest, publish, aliases (CAS), catalog (read / promote), pull,
+gc. Every transfer goes through loraflow.storage. Importing this package is cheap; boto3, torch and
+peft load when a function needs them.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from loraflow.registry.catalog import get_alias, list_versions, read_manifest, s
 from loraflow.registry.gc import GcReport, gc_adapter
 from loraflow.registry.publish import PublishedVersion, publish_adapter
 from loraflow.registry.pull import load_adapter, pull_adapter
-from loraflow.registry.server import LocalS3Server
 
 __all__ = [
-    "ANY", "AliasConflictError", "GcReport", "LocalS3Server", "PublishedVersion", "gc_adapter", "get_alias",
+    "ANY", "AliasConflictError", "GcReport", "PublishedVersion", "gc_adapter", "get_alias",
     "list_versions", "load_adapter", "publish_adapter", "pull_adapter", "read_manifest", "set_alias",
 ]

@@ -36,7 +36,7 @@ from loraflow.errors import ConfigError, StorageError
 from loraflow.log import get_logger
 from loraflow.registry.layout import Layout, check_name, check_version
 from loraflow.registry.manifest import now_iso
-from loraflow.registry.store import Store, error_code
+from loraflow.storage.store import Store, error_code
 
 log = get_logger("registry")
 

@@ -9,7 +9,7 @@ from loraflow.errors import StorageError
 from loraflow.registry.aliases import ANY, current_version, list_aliases, move_alias
 from loraflow.registry.layout import MANIFEST, Layout, check_name, check_version
 from loraflow.registry.manifest import validate_manifest
-from loraflow.registry.store import Store
+from loraflow.storage.store import Store
 
 
 def open_registry(settings, name: str) -> tuple[Store, Layout]:

