@@ -4,7 +4,8 @@
 # Everything it starts is recorded in $LORAFLOW_RUN_DIR/*.pid; deployments/down.sh stops it.
 #
 # Knobs (environment): LORAFLOW_RUN_DIR (.loraflow/run), PREFECT_PORT (4200), S3_PORT (9000),
-# S3_ROOT ($LORAFLOW_RUN_DIR/s3), S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
+# S3_ROOT ($LORAFLOW_HOME/s3: the same local store as `make demo` and `loraflow storage serve`),
+# S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
 # (a loopback development pair by default), VENV (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +16,7 @@ PREFECT="$ROOT/$VENV/bin/prefect"
 RUN_DIR=$(mkdir -p "${LORAFLOW_RUN_DIR:-.loraflow/run}" && cd "${LORAFLOW_RUN_DIR:-.loraflow/run}" && pwd)
 PREFECT_PORT=${PREFECT_PORT:-4200}
 S3_PORT=${S3_PORT:-9000}
-S3_ROOT=${S3_ROOT:-$RUN_DIR/s3}
+S3_ROOT=${S3_ROOT:-${LORAFLOW_HOME:-$HOME/.cache/loraflow}/s3}
 S3_BUCKET=${S3_BUCKET:-loraflow}
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
@@ -74,6 +75,7 @@ start worker-gpu "$PREFECT" worker start --pool gpu --type process --name "local
 
 cat >"$RUN_DIR/env" <<ENV
 # source this file to talk to the local stack (loraflow CLI, prefect CLI)
+export PATH="$ROOT/$VENV/bin:\$PATH"
 export PREFECT_API_URL=$PREFECT_API_URL
 export PREFECT_HOME=$PREFECT_HOME
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_LOGGING_EXTRA_LOGGERS=loraflow PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore

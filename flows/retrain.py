@@ -8,10 +8,10 @@ A diverged training run or a failed evaluation stops the flow before anything is
 
 from __future__ import annotations
 
-
 import base64
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from loraflow.flows._common import (

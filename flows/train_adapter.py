@@ -7,7 +7,6 @@ resumes from the last checkpoint instead of step 0."""
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from loraflow.flows._common import (

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fixtures_assets import make_offline_home
-from loraflow import assets
+from loraflow.demo import assets
 from loraflow.errors import DataError
 
 REVIEW = ("This movie was one of the best films I have seen in years, and the acting was "

@@ -148,3 +148,12 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
     versions = list_versions(settings, "imdb-worker")
     assert len(versions) == 2
     assert get_alias(settings, "imdb-worker", "champion") in {v["version"] for v in versions}
+    # The gpu-pool path (run_deployment, staged adapter) and the in-process path publish the same files.
+    from loraflow.registry import read_manifest
+
+    manifests = [read_manifest(settings, "imdb-worker", v["version"]) for v in versions]
+    file_sets = [sorted(f["name"] for f in m["files"]) for m in manifests]
+    assert file_sets[0] == file_sets[1] == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                            "loraflow.yaml", "metrics.json"]
+    assert {m["base_model"]["id"] for m in manifests} == {str(tiny_model_dir)}
+    assert all(m["base_model"]["weights"] for m in manifests)

@@ -63,7 +63,7 @@ def _store(storage: StorageSettings, uri: str) -> tuple[Store, str]:
 def upload_dir(storage: StorageSettings, local_dir: Path, uri: str, kind: str = "checkpoint", **fields: Any) -> str:
     """Upload a checkpoint (or, with kind="adapter", a finished adapter) under `uri`, manifest last."""
     store, key_prefix = _store(storage, uri)
-    files = {rel: path for rel, path in local_files(local_dir, kind).items() if rel not in SKIPPED_FILES}
+    files = local_files(local_dir, kind, exclude=SKIPPED_FILES)
     write_manifest(store, key_prefix, upload_files(store, files, key_prefix, kind), **fields)
     return f"s3://{store.bucket}/{key_prefix}"
 

@@ -92,10 +92,11 @@ def check_relpath(name: str, kind: Kind) -> str:
     raise ConfigError(f"{name}: not allowed in {kind} directories (allowed: {', '.join(allowed)})")
 
 
-def local_files(directory: str | os.PathLike, kind: Kind, *, recursive: bool = False) -> dict[str, Path]:
+def local_files(directory: str | os.PathLike, kind: Kind, *, recursive: bool = False,
+                exclude: frozenset[str] = frozenset()) -> dict[str, Path]:
     """The files of `directory` that go up, by relative name. Hidden names and an old
     manifest.json are skipped (a pulled directory carries one; the upload writes a new one);
-    subdirectories are skipped unless `recursive`. Symlinks and special files are refused: a link
+    subdirectories are skipped unless `recursive`, and so are the names in `exclude`. Symlinks and special files are refused: a link
     to a file outside the directory would publish that file."""
     root = Path(directory)
     if not root.is_dir():
@@ -105,7 +106,7 @@ def local_files(directory: str | os.PathLike, kind: Kind, *, recursive: bool = F
     def walk(folder: Path) -> None:
         for path in sorted(folder.iterdir()):
             rel = path.relative_to(root).as_posix()
-            if path.name.startswith(".") or rel == MANIFEST:
+            if path.name.startswith(".") or rel == MANIFEST or rel in exclude:
                 continue
             if path.is_symlink():
                 raise ConfigError(f"{path}: is a symlink; refusing to upload what it points to")
