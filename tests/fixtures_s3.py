@@ -31,15 +31,20 @@ def s3_settings_for(server, bucket: str, **sections):
     return load_settings(storage=server.storage_overrides(bucket), **sections)
 
 
+def create_bucket(server, prefix: str = "t-") -> str:
+    """A fresh, empty bucket, made through the server (rclone caches its directory listings, so a
+    folder made on disk can stay invisible for a moment)."""
+    from loraflow.storage.client import make_client
+
+    bucket = prefix + secrets.token_hex(6)
+    make_client(s3_settings_for(server, bucket).storage).create_bucket(Bucket=bucket)
+    return bucket
+
+
 @pytest.fixture
 def s3_bucket(s3_server) -> str:
     """A fresh, empty bucket on the session server."""
-    bucket = "t-" + secrets.token_hex(6)
-    from loraflow.storage.client import make_client
-
-    client = make_client(s3_settings_for(s3_server, bucket).storage)
-    client.create_bucket(Bucket=bucket)  # through the server: rclone caches its directory listings
-    return bucket
+    return create_bucket(s3_server)
 
 
 @pytest.fixture

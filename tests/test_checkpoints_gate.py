@@ -19,7 +19,7 @@ def _checkpoint(tmp_path, step: int):
 
 
 def test_checkpoints_round_trip_skip_incomplete_uploads_and_refuse_tampering(s3_settings, s3_server, tmp_path):
-    from loraflow.checkpoints import MANIFEST, download_dir, latest_checkpoint, run_prefix, upload_dir
+    from loraflow.checkpoints import MANIFEST, download, latest_checkpoint, run_prefix, upload_dir
     from loraflow.errors import IntegrityError
 
     storage = s3_settings.storage
@@ -34,16 +34,16 @@ def test_checkpoints_round_trip_skip_incomplete_uploads_and_refuse_tampering(s3_
     latest = latest_checkpoint(storage, "run-1")
     assert latest.step == 4 and latest.uri.endswith("checkpoints/run-1/checkpoint-4/")
 
-    manifest = download_dir(storage, latest.uri, tmp_path / "restored")
+    manifest = download(storage, latest.uri, tmp_path / "restored")
     assert (tmp_path / "restored" / "optimizer.pt").read_bytes() == b"opt" * 50
-    assert "training_args.bin" not in manifest["files"]  # a pickle Trainer never reads back stays local
+    assert "training_args.bin" not in [f["name"] for f in manifest["files"]]  # a pickle Trainer never reads back stays local
     assert not (tmp_path / "restored" / "training_args.bin").exists()
     assert (bucket_dir / "checkpoints" / "run-1" / "checkpoint-4" / MANIFEST).is_file()
 
     stored = bucket_dir / "checkpoints" / "run-1" / "checkpoint-4" / "optimizer.pt"
     stored.write_bytes(b"tampered" + stored.read_bytes()[8:])
     with pytest.raises(IntegrityError, match="optimizer.pt"):
-        download_dir(storage, latest.uri, tmp_path / "restored-again")
+        download(storage, latest.uri, tmp_path / "restored-again")
     assert not (tmp_path / "restored-again" / "optimizer.pt").exists()
 
 

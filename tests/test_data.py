@@ -148,6 +148,20 @@ def test_s3_prefix_is_mirrored_and_pruned(tmp_path, data_home, s3_endpoint):
     s1 = load_settings(data={"source": f"s3://{bucket}/imdb/train.parquet", "max_length": 64}, storage=storage)
     assert sum(len(v) for v in load_records(s1.data, s1.storage).values()) == 12
 
+    # A CSV edited in place at the same size is fetched again (ETag, not size): the records, and so
+    # the dataset fingerprint, follow the bucket.
+    s2 = load_settings(data={"source": f"s3://{bucket}/csv/", "max_length": 64}, storage=storage)
+    filler = "".join(f"review number {i:02d}\n" for i in range(20)).encode()
+
+    def texts() -> list[str]:
+        rec = load_records(s2.data, s2.storage)
+        return list(rec["train"]["text"]) + list(rec["eval"]["text"])
+
+    client.put_object(Bucket=bucket, Key="csv/train.csv", Body=b"text\nthe film was good\n" + filler)
+    assert "the film was good" in texts()
+    client.put_object(Bucket=bucket, Key="csv/train.csv", Body=b"text\nthe film was fine\n" + filler)
+    assert "the film was fine" in texts() and "the film was good" not in texts()
+
 
 # --------------------------------------------------------------------------- errors
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import signal
 import subprocess
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_prefect import PREFECT_BIN, ROOT, tiny_flow_settings
+from fixtures_s3 import create_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,7 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
 
     from loraflow.registry import get_alias, list_versions
 
-    bucket = "deploy-" + secrets.token_hex(4)
-    (s3_server.root / bucket).mkdir()
+    bucket = create_bucket(s3_server, "deploy-")
     settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, name="imdb-worker")
     # One run trains through the gpu pool (run_deployment), the other in-process.
     via_gpu = settings.model_dump(mode="json")

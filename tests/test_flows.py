@@ -11,14 +11,13 @@ import time
 import pytest
 import yaml
 from fixtures_prefect import tiny_flow_settings
+from fixtures_s3 import create_bucket
 
 pytestmark = pytest.mark.slow
 
 
 def _fresh_bucket(s3_server) -> str:
-    bucket = "flows-" + secrets.token_hex(4)
-    (s3_server.root / bucket).mkdir()
-    return bucket
+    return create_bucket(s3_server, "flows-")
 
 
 def _run_artifacts_and_logs(flow_run_id: str):

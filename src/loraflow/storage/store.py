@@ -139,15 +139,6 @@ class Store:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 yield from page.get("Contents", [])
 
-    def list_dirs(self, prefix: str) -> list[str]:
-        """The next path level under `prefix` (common prefixes without the trailing '/')."""
-        out = []
-        with self.errors(f"list s3://{self.bucket}/{prefix}"):
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
-                out.extend(p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", []))
-        return out
-
     def delete(self, keys: list[str]) -> None:
         with self.errors(f"delete in s3://{self.bucket}"):
             for start in range(0, len(keys), 1000):
