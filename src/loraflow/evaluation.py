@@ -1,10 +1,15 @@
-"""Perplexity of the base model and of base + adapter on the eval split, plus a few greedy
-generations for the model card.
+"""Perplexity of the base model and of base + adapter on the eval split, per-document losses for
+the promotion gate, generation health on fixed prompts, and an optional forgetting check.
 
 Both numbers come from one loaded `PeftModel` (the base is the same model under
 `disable_adapter()`), the same prepared rows and the same collator as training, so they differ
 only by the adapter. Perplexity is token-weighted: exp(sum of token losses / number of target
 tokens) over the whole split, not a mean of per-batch perplexities.
+
+Per-document losses are the unit of the gate's paired bootstrap (loraflow.promotion): one entry
+per document of the eval split (a document longer than `data.max_length` counts once per chunk,
+since packing separates its chunks), in the order of the prepared rows, which is the same for
+every model evaluated on the same eval fingerprint.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ EVAL_PROMPTS = (
     "This movie was",
     "I watched this film last night and",
     "The acting in this",
+    "My favourite scene is",
+    "I would not recommend",
+    "The plot",
 )
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 64  # eval.max_new_tokens' default
 
 
 @dataclass
@@ -44,6 +52,17 @@ class EvalResult:
     eval_fingerprint: str
     generations: list[dict[str, str]] = field(default_factory=list)
     eval_time_s: float = 0.0
+    # Per eval document (see the module docstring): mean loss per target token, and target tokens.
+    document_losses: list[float] = field(default_factory=list)
+    base_document_losses: list[float] = field(default_factory=list)
+    document_tokens: list[int] = field(default_factory=list)
+    # {"adapter": {...}, "base": {...}, "prompts": n, "max_new_tokens": m}; see generation_health.
+    generation_health: dict[str, Any] = field(default_factory=dict)
+    # Forgetting check (eval.general_source); None when it is off.
+    general_source: str | None = None
+    general_base_ppl: float | None = None
+    general_adapter_ppl: float | None = None
+    general_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,46 +75,112 @@ def _ppl(loss: float) -> float:
         return float("inf")
 
 
-def token_loss(model, dataset, collator, *, batch_size: int, device: str) -> tuple[float, int]:
-    """(mean loss per target token, number of target tokens). Targets are the collator's labels
-    after the causal shift; forward runs with `use_cache=False`, which is what lets transformers
+def document_losses(model, dataset, collator, *, batch_size: int, device: str) -> tuple[list[float], list[int]]:
+    """(summed loss, number of target tokens) per document of `dataset`, in row order. A document
+    is a run of positions starting at 0 (PackedCollator); padding and one-token chunks have no
+    targets and are left out. Forward runs with `use_cache=False`, which is what lets transformers
     build the per-document block mask from position_ids (see loraflow.data.collator)."""
     import torch
     import torch.nn.functional as F
 
-    total, count = 0.0, 0
+    sums: list[float] = []
+    counts: list[int] = []
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
-            batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            batch = collator(rows)
             labels = batch["labels"][:, 1:].to(device)
             logits = model(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                            use_cache=False).logits[:, :-1]
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                   ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-    if count == 0:
+            losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                     ignore_index=-100, reduction="none").reshape(labels.shape).cpu()
+            targets = (labels != -100).cpu()
+            # Document j of a row covers the positions from its start (position id 0) to the next
+            # start; its targets sit one to the left after the shift.
+            doc_ids = (batch["position_ids"] == 0).cumsum(dim=1)[:, 1:]
+            for i, row in enumerate(rows):
+                n_docs = int(doc_ids[i, :len(row["input_ids"]) - 1].max()) if len(row["input_ids"]) > 1 else 0
+                for doc in range(1, n_docs + 1):
+                    mask = (doc_ids[i] == doc) & targets[i]
+                    n = int(mask.sum())
+                    if n:
+                        sums.append(float(losses[i][mask].sum()))
+                        counts.append(n)
+    if not counts:
         raise ModelError("the eval split has no target tokens")
-    return total / count, count
+    return sums, counts
+
+
+def token_loss(model, dataset, collator, *, batch_size: int, device: str) -> tuple[float, int]:
+    """(mean loss per target token, number of target tokens). Targets are the collator's labels
+    after the causal shift."""
+    sums, counts = document_losses(model, dataset, collator, batch_size=batch_size, device=device)
+    return sum(sums) / sum(counts), sum(counts)
 
 
 def generate_samples(model, tokenizer, prompts=EVAL_PROMPTS, *, device: str, seed: int,
-                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+                     max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict[str, Any]]:
+    """Greedy continuations: {"text", "ids" (generated token ids), "ended" (stopped on EOS)}."""
     import torch
     from transformers import set_seed
 
     from loraflow.modeling import pad_token_id
 
-    texts = []
+    out_rows = []
     for prompt in prompts:
         set_seed(seed)  # greedy needs no randomness, but dropout-free eval + fixed seed keeps it exact
         enc = tokenizer(prompt, return_tensors="pt").to(device)
         with torch.inference_mode():
+            # EOS as training appended it to every document: stopping on it is what health measures.
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=pad_token_id(tokenizer))
-        texts.append(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
-    return texts
+                                 pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        ids = [int(t) for t in out[0, enc["input_ids"].shape[1]:]]
+        ended = bool(ids) and ids[-1] == tokenizer.eos_token_id
+        out_rows.append({"text": tokenizer.decode(ids, skip_special_tokens=True), "ids": ids, "ended": ended})
+    return out_rows
+
+
+def generation_health(samples: list[dict[str, Any]], n: int = 4) -> dict[str, float]:
+    """How generations behave, not what they say: `eos_rate`, the share that ended with EOS within
+    the budget (a model that never learned to stop rambles to the limit); `distinct_2`, unique
+    bigrams / bigrams per generation, averaged; `repeated_4gram_rate`, the share of 4-grams that
+    repeat an earlier 4-gram of the same generation (degenerate loops push it towards 1)."""
+    distinct, repeats, grams = [], 0, 0
+    for sample in samples:
+        ids = sample["ids"][:-1] if sample["ended"] else sample["ids"]
+        bigrams = list(zip(ids, ids[1:]))
+        if bigrams:
+            distinct.append(len(set(bigrams)) / len(bigrams))
+        seen = set()
+        for gram in zip(*(ids[k:] for k in range(n))):
+            grams += 1
+            repeats += gram in seen
+            seen.add(gram)
+    return {
+        "eos_rate": round(sum(s["ended"] for s in samples) / max(1, len(samples)), 4),
+        "distinct_2": round(sum(distinct) / len(distinct), 4) if distinct else 0.0,
+        "repeated_4gram_rate": round(repeats / grams, 4) if grams else 0.0,
+    }
+
+
+def general_rows(settings: Settings, tokenizer):
+    """The forgetting check's documents: the eval split of `eval.general_source`, tokenised and
+    packed like the training data (None when the check is off)."""
+    from loraflow.data.packing import layout_rows, tokenize_documents
+    from loraflow.data.sources import load_records
+
+    source = settings.eval.general_source
+    if not source:
+        return None
+    data = settings.data.model_copy(update={"source": source, "text_column": settings.eval.general_text_column,
+                                            "max_eval_samples": settings.eval.max_general_samples,
+                                            "max_train_samples": None, "config_name": None, "revision": None})
+    records = load_records(data, settings.storage, seed=settings.training.seed)
+    docs = tokenize_documents(records["eval"], tokenizer)
+    if len(docs) == 0:
+        raise ModelError(f"eval.general_source={source!r}: no documents to evaluate")
+    return layout_rows(docs, data.max_length, True)
 
 
 def _count_documents(prepared: PreparedDataset) -> int:
@@ -107,10 +192,11 @@ def _count_documents(prepared: PreparedDataset) -> int:
 
 
 def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: PreparedDataset | None = None,
-                     tokenizer=None) -> EvalResult:
+                     tokenizer=None, with_base: bool = True) -> EvalResult:
     """Base vs base + adapter on the eval split. Writes nothing: the numbers go into a release
     directory through loraflow.release, never back into the adapter directory it read (which may
-    be a verified cache entry)."""
+    be a verified cache entry). `with_base=False` scores the adapter alone (the gate re-measuring
+    a champion: the base numbers are the candidate's); base fields are then NaN / empty."""
     from peft import PeftModel
 
     from loraflow import modeling
@@ -125,6 +211,7 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
         prepared = prepare_dataset(settings, tokenizer, model_max_positions=modeling.model_max_positions(settings))
     if len(prepared.eval) == 0:
         raise ModelError(f"data.source={settings.data.source!r}: the eval split is empty")
+    general = general_rows(settings, tokenizer)
 
     precision = modeling.resolve_precision(settings.training, settings.model)
     device = precision.device
@@ -136,22 +223,56 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
     model.to(device)
     collator = PackedCollator(modeling.pad_token_id(tokenizer))
     batch_size = settings.training.per_device_train_batch_size
+    budget = settings.eval.max_new_tokens
 
-    adapter_loss, tokens = token_loss(model, prepared.eval, collator, batch_size=batch_size, device=device)
-    with model.disable_adapter():
-        base_loss, _ = token_loss(model, prepared.eval, collator, batch_size=batch_size, device=device)
-        base_texts = generate_samples(model, tokenizer, device=device, seed=settings.training.seed)
-    texts = generate_samples(model, tokenizer, device=device, seed=settings.training.seed)
+    def score(rows) -> tuple[list[float], list[int]]:
+        return document_losses(model, rows, collator, batch_size=batch_size, device=device)
 
+    def generate() -> list[dict[str, Any]]:
+        return generate_samples(model, tokenizer, device=device, seed=settings.training.seed, max_new_tokens=budget)
+
+    adapter_sums, counts = score(prepared.eval)
+    samples = generate()
+    general_adapter = score(general) if general is not None else None
+    base_sums, base_samples, general_base = [], [], None
+    if with_base:
+        with model.disable_adapter():
+            base_sums, _ = score(prepared.eval)
+            base_samples = generate()
+            general_base = score(general) if general is not None else None
+
+    tokens = sum(counts)
+    adapter_loss = sum(adapter_sums) / tokens
+    base_loss = sum(base_sums) / tokens if with_base else math.nan
+    health = {"adapter": generation_health(samples), "prompts": len(EVAL_PROMPTS), "max_new_tokens": budget}
+    if with_base:
+        health["base"] = generation_health(base_samples)
     result = EvalResult(
         base_ppl=_ppl(base_loss), adapter_ppl=_ppl(adapter_loss), base_eval_loss=base_loss,
         eval_loss=adapter_loss, eval_tokens=tokens, eval_documents=_count_documents(prepared),
         eval_fingerprint=prepared.fingerprint,
-        generations=[{"prompt": p, "text": t, "base_text": b} for p, t, b in zip(EVAL_PROMPTS, texts, base_texts)],
-        eval_time_s=round(time.perf_counter() - t0, 3),
+        generations=[{"prompt": p, "text": a["text"], **({"base_text": b["text"]} if with_base else {})}
+                     for p, a, b in zip(EVAL_PROMPTS, samples, base_samples or samples)],
+        document_losses=[x / n for x, n in zip(adapter_sums, counts)],
+        base_document_losses=[x / n for x, n in zip(base_sums, counts)],
+        document_tokens=counts,
+        generation_health=health,
     )
-    log.info("eval: base ppl %.3f -> adapter ppl %.3f over %d tokens (%d documents)",
-             result.base_ppl, result.adapter_ppl, tokens, result.eval_documents)
+    if general_adapter is not None:
+        general_tokens = sum(general_adapter[1])
+        result.general_source = settings.eval.general_source
+        result.general_tokens = general_tokens
+        result.general_adapter_ppl = _ppl(sum(general_adapter[0]) / general_tokens)
+        if general_base is not None:
+            result.general_base_ppl = _ppl(sum(general_base[0]) / general_tokens)
+    result.eval_time_s = round(time.perf_counter() - t0, 3)
+    log.info("eval: base ppl %.3f -> adapter ppl %.3f over %d tokens (%d documents); generations ending "
+             "with EOS %.0f%%, distinct-2 %.3f", result.base_ppl, result.adapter_ppl, tokens,
+             result.eval_documents, 100 * health["adapter"]["eos_rate"], health["adapter"]["distinct_2"])
+    if result.general_adapter_ppl is not None:
+        log.info("forgetting check on %s: base ppl %s -> adapter ppl %.3f over %d tokens", result.general_source,
+                 f"{result.general_base_ppl:.3f}" if result.general_base_ppl is not None else "-",
+                 result.general_adapter_ppl, result.general_tokens)
     return result
 
 
@@ -163,6 +284,8 @@ def format_results_table(metrics: dict[str, Any]) -> str:
         ("base eval loss", metrics.get("base_eval_loss")),
         ("adapter eval loss", metrics.get("eval_loss")),
         ("eval tokens", metrics.get("eval_tokens")),
+        ("general-text base perplexity", metrics.get("general_base_ppl")),
+        ("general-text adapter perplexity", metrics.get("general_adapter_ppl")),
         ("train tokens", metrics.get("train_tokens")),
         ("train steps", metrics.get("global_step")),
         ("train time (s)", metrics.get("train_time_s")),

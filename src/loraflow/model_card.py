@@ -97,6 +97,17 @@ def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: s
                 "base_ppl", "adapter_ppl", "base_eval_loss", "eval_loss", "eval_tokens", "eval_documents"):
         if key in metrics:
             lines.append(f"| {key} | {_fmt(metrics[key])} |")
+    health = metrics.get("generation_health") or {}
+    if health.get("adapter"):
+        who = [w for w in ("adapter", "base") if health.get(w)]
+        lines += ["", f"## Generation health (greedy, {health.get('prompts')} fixed prompts, "
+                      f"{health.get('max_new_tokens')} new tokens at most)", "",
+                  "| measure | " + " | ".join(who) + " |", "|---|" + "---|" * len(who)]
+        for key in ("eos_rate", "distinct_2", "repeated_4gram_rate"):
+            lines.append(f"| {key} | " + " | ".join(_fmt(health[w].get(key)) for w in who) + " |")
+    if metrics.get("general_adapter_ppl") is not None:
+        lines += ["", f"Forgetting check on `{metrics.get('general_source')}`: perplexity base "
+                      f"{_fmt(metrics.get('general_base_ppl'))}, adapter {_fmt(metrics['general_adapter_ppl'])}."]
     gens = metrics.get("generations") or []
     if gens:
         lines += ["", "## Sample generations (greedy)", ""]

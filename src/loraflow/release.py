@@ -32,7 +32,8 @@ TRAIN_KEYS = ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "fi
               "precision", "trainable_params", "base_model", "base_model_revision", "dataset_source",
               "dataset_fingerprint")
 EVAL_KEYS = ("base_ppl", "adapter_ppl", "base_eval_loss", "eval_loss", "eval_tokens", "eval_documents",
-             "eval_fingerprint", "eval_time_s", "generations")
+             "eval_fingerprint", "eval_time_s", "generations", "generation_health", "general_source",
+             "general_base_ppl", "general_adapter_ppl", "general_tokens")
 
 
 def settings_snapshot(settings) -> dict[str, Any]:

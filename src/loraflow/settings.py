@@ -136,8 +136,27 @@ class RegistrySettings(_Section):
     promote_alias: str = Field("champion", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     promotion_metric: Literal["adapter_ppl"] = "adapter_ppl"
     promotion_margin: float = Field(
-        0.0, ge=0, description="Relative: the new ppl must be <= champion ppl * (1 + margin).")
+        0.0, ge=0, description=("Relative: the upper confidence bound of candidate ppl / champion ppl on the same "
+                                "documents must be <= 1 + margin (0: better than the champion with confidence)."))
     gc_grace_seconds: int = Field(3600, ge=0)
+    gc_keep_champions: int = Field(
+        3, ge=0, description="gc --keep-last never deletes a version that held promote_alias in its last K moves.")
+    gate_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples of the eval documents.")
+    gate_confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence of the gate's intervals.")
+    health_eos_tolerance: float = Field(
+        0.25, ge=0, le=1, description="How far the share of generations that end with EOS may fall below the champion's.")
+    health_distinct_tolerance: float = Field(
+        0.1, ge=0, le=1, description="How far distinct-2 of the generations may fall below the champion's.")
+
+
+class EvalSettings(_Section):
+    """What evaluation measures besides the eval split's perplexity (see docs/gate.md)."""
+
+    max_new_tokens: int = Field(64, gt=0, description="Greedy generation budget per fixed prompt (generation health).")
+    general_source: PathSetting | None = Field(
+        None, description="Forgetting check: a second, general-text source (any data.source form); None: off.")
+    general_text_column: str = Field("text", min_length=1)
+    max_general_samples: int | None = Field(200, gt=0, description="Documents of general_source's eval split used.")
 
 
 class PrefectSettings(_Section):
@@ -159,6 +178,7 @@ class Settings(BaseSettings):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
 
     @classmethod
