@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load_settings", "pull_adapter", "load_adapter"]
+__all__ = ["__version__", "load_settings", "pull_adapter", "load_adapter", "follow"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from loraflow.registry import pull
 
         return getattr(pull, name)
+    if name == "follow":
+        from loraflow.follow import follow
+
+        return follow
     raise AttributeError(name)

@@ -1,0 +1,96 @@
+"""`loraflow export NAME[@ALIAS|==VERSION] --merged DIR`: the base model with a version's LoRA merged
+into its weights (PEFT's `merge_and_unload`), for engines that cannot apply LoRA to the
+architecture (vLLM on GPT-2 / DialoGPT) or should not pay for it at inference.
+
+The directory is an ordinary transformers model: `model.safetensors` (fp32, the precision the merge
+ran in), `config.json`, the base model's tokenizer, a model card naming the version it came from,
+and `loraflow-export.json` (name, version, base model, adapter manifest sha256) for machines. It is
+written beside DIR and renamed into place, so DIR is either the previous export or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from loraflow.errors import ConfigError
+from loraflow.log import get_logger
+
+log = get_logger("export")
+
+PROVENANCE = "loraflow-export.json"
+
+
+def _check_dest(dest: Path) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise ConfigError(f"--merged {dest}: exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / PROVENANCE).is_file():
+        # Only a previous export is replaced; anything else in DIR could be someone's work.
+        raise ConfigError(f"--merged {dest}: directory is not empty and holds no previous loraflow export")
+
+
+def _card(name: str, version: str, manifest: dict, base_id: str) -> str:
+    metrics = manifest.get("metrics") or {}
+    ppl = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("adapter_ppl", "base_ppl")
+                    if isinstance(metrics.get(k), (int, float)))
+    lines = [
+        "---", "library_name: transformers", f"base_model: {base_id}", "pipeline_tag: text-generation",
+        "tags: [loraflow, merged-lora, causal-lm]", "---", "",
+        f"# {name}=={version} (merged)", "",
+        f"The base model `{base_id}` with the LoRA adapter `{name}` version `{version}` merged into its "
+        "weights by `loraflow export --merged` (PEFT `merge_and_unload`). It loads with "
+        "`AutoModelForCausalLM.from_pretrained` and needs no LoRA support from the serving engine.", "",
+        f"- adapter version: `{version}` (created {manifest.get('created_at', '?')})",
+        f"- LoRA: r={manifest.get('lora', {}).get('r')}, alpha={manifest.get('lora', {}).get('lora_alpha')}, "
+        f"targets {manifest.get('lora', {}).get('target_modules')}",
+    ]
+    if ppl:
+        lines.append(f"- evaluation at publish: {ppl}")
+    lines += ["", "Regenerate with:", "", "```bash", f"loraflow export {name}=={version} --merged DIR", "```", ""]
+    return "\n".join(lines)
+
+
+def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> Path:
+    """Merge `ref`'s adapter into its (verified) base model and write it to `dest`."""
+    import torch
+
+    from loraflow.registry.layout import parse_ref
+    from loraflow.registry.pull import base_identity, load_adapter, pull_adapter
+    from loraflow.serving.model import base_tokenizer
+    from loraflow.storage.transfer import MANIFEST, place_atomically
+
+    if settings is None:
+        from loraflow.settings import load_settings
+
+        settings = load_settings()
+    dest = Path(dest).expanduser()
+    _check_dest(dest)
+    name = parse_ref(ref)[0]
+    adapter_dir = pull_adapter(ref, settings=settings, dest=cache)
+    manifest_bytes = (adapter_dir / MANIFEST).read_bytes()
+    manifest = json.loads(manifest_bytes)
+    version = manifest["version"]
+    # Pinned from here on: an alias that moves mid-export cannot mix two versions.
+    model = load_adapter(f"{name}=={version}", settings=settings, dest=cache, dtype=torch.float32)
+    merged = model.merge_and_unload()
+    tokenizer = base_tokenizer(manifest, settings)
+    base_id = base_identity(manifest).get("id")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "README.md").write_text(_card(name, version, manifest, base_id))
+        (tmp / PROVENANCE).write_text(json.dumps({
+            "name": name, "version": version, "base_model": base_identity(manifest),
+            "adapter_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "merged": True,
+        }, indent=2) + "\n")
+        place_atomically(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s==%s merged into %s at %s", name, version, base_id, dest)
+    return dest
