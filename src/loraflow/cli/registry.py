@@ -1,4 +1,5 @@
-"""`loraflow publish | promote | versions | pull | gc`: the adapter registry from the shell."""
+"""`loraflow publish | promote | versions | history | rollback | pull | gc`: the adapter registry from
+the shell. Alias moves made here are recorded with the CLI user (user@host) as the actor."""
 
 from __future__ import annotations
 
@@ -24,8 +25,24 @@ def register(sub) -> None:
     promote.add_argument("--alias", default=None, help="alias to move (default: registry.promote_alias)")
     promote.add_argument("--expect", metavar="VERSION",
                          help="only move it if it points at VERSION now ('none': only if it does not exist)")
+    promote.add_argument("--reason", default="", help="why (recorded in the alias history)")
     add_settings_args(promote)
     promote.set_defaults(handler=_promote)
+
+    history = sub.add_parser("history", help="every move of an alias, newest first")
+    history.add_argument("name", metavar="NAME")
+    history.add_argument("--alias", default=None, help="alias (default: registry.promote_alias)")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    add_settings_args(history)
+    history.set_defaults(handler=_history)
+
+    rollback = sub.add_parser("rollback", help="move an alias back to its previous version (or --to VERSION)")
+    rollback.add_argument("name", metavar="NAME")
+    rollback.add_argument("--alias", default=None, help="alias (default: registry.promote_alias)")
+    rollback.add_argument("--to", metavar="VERSION", help="the version to move it to (default: its previous one)")
+    rollback.add_argument("--reason", default=None, help="why (recorded in the alias history)")
+    add_settings_args(rollback)
+    rollback.set_defaults(handler=_rollback)
 
     versions = sub.add_parser("versions", help="list the versions of an adapter with metrics and aliases")
     versions.add_argument("name", metavar="NAME")
@@ -39,11 +56,16 @@ def register(sub) -> None:
     add_settings_args(pull)
     pull.set_defaults(handler=_pull)
 
-    gc = sub.add_parser("gc", help="remove leftovers of failed publishes")
+    gc = sub.add_parser("gc", help="remove leftovers of failed publishes and, with --keep-last, old versions")
     gc.add_argument("name", metavar="NAME")
     gc.add_argument("--grace", type=float, metavar="SECONDS",
                     help="only remove leftovers older than this (default: registry.gc_grace_seconds)")
-    gc.add_argument("--dry-run", action="store_true")
+    gc.add_argument("--keep-last", type=int, metavar="N",
+                    help="delete complete versions except the newest N, aliased ones and recent champions")
+    gc.add_argument("--keep-champions", type=int, metavar="K",
+                    help="with --keep-last: also keep what held the champion alias in its last K moves "
+                         "(default: registry.gc_keep_champions)")
+    gc.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     add_settings_args(gc)
     gc.set_defaults(handler=_gc)
 
@@ -63,6 +85,8 @@ def _publish(args) -> int:
     aliases = [] if args.no_alias else args.aliases
     published = publish_adapter(settings_from_args(args), args.adapter_dir, name=args.name,
                                 aliases=aliases, extra=extra)
+    _emit("published", published.name, version=published.version, metrics=published.manifest.get("metrics"),
+          aliases=published.aliases)
     print(f"{published.name}=={published.version}  {published.uri}")
     for alias, target in published.aliases.items():
         note = "" if target == published.version else f" (stays on newer {target})"
@@ -76,8 +100,55 @@ def _promote(args) -> int:
     settings = settings_from_args(args)
     alias = args.alias or settings.registry.promote_alias
     expected = ANY if args.expect is None else (None if args.expect.lower() == "none" else args.expect)
-    set_alias(settings, args.name, alias, args.version, expected_version=expected)
+    set_alias(settings, args.name, alias, args.version, expected_version=expected,
+              reason=args.reason or "promoted by hand")
+    _flush_events()
     print(f"{args.name}@{alias} -> {args.version}")
+    return 0
+
+
+def _emit(event: str, name: str, **kwargs) -> None:
+    from loraflow import events
+
+    events.emit(event, name, **kwargs)
+    _flush_events()
+
+
+def _flush_events() -> None:
+    from loraflow import events
+
+    events.flush()  # this process is about to exit; queued events would be lost
+
+
+def _history(args) -> int:
+    from loraflow.registry import alias_history
+
+    settings = settings_from_args(args)
+    alias = args.alias or settings.registry.promote_alias
+    rows = alias_history(settings, args.name, alias)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"{args.name}@{alias}: no recorded moves")
+        return 0
+    table = [["WHEN", "FROM", "TO", "ACTOR", "REASON"]]
+    for r in rows:
+        table.append([r.get("at") or "?", r.get("from") or "-", r["to"], r.get("actor") or "?", r.get("reason") or ""])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        print("  ".join([*(cell.ljust(w) for cell, w in zip(row, widths)), row[-1]]).rstrip())
+    return 0
+
+
+def _rollback(args) -> int:
+    from loraflow.registry import rollback_alias
+
+    settings = settings_from_args(args)
+    alias = args.alias or settings.registry.promote_alias
+    before, after = rollback_alias(settings, args.name, alias, to=args.to, reason=args.reason)
+    _flush_events()
+    print(f"{args.name}@{alias}: {before} -> {after} (rolled back)")
     return 0
 
 
@@ -96,15 +167,33 @@ def _versions(args) -> int:
         return 0
     metric_keys = [k for k in ("adapter_ppl", "base_ppl", "eval_loss", "final_loss")
                    if any(k in r["metrics"] for r in rows)]
-    header = ["VERSION", "CREATED", *[k.upper() for k in metric_keys], "SIZE", "ALIASES"]
+    gated = any(r.get("gate") for r in rows)
+    header = ["VERSION", "CREATED", *[k.upper() for k in metric_keys], *(["GATE"] if gated else []), "SIZE", "ALIASES"]
     table = [header]
     for r in rows:
         metrics = [_fmt(r["metrics"].get(k)) for k in metric_keys]
-        table.append([r["version"], r["created_at"] or "?", *metrics, _size(r["size"]), ",".join(r["aliases"])])
+        gate = [_gate(r.get("gate"))] if gated else []
+        table.append([r["version"], r["created_at"] or "?", *metrics, *gate, _size(r["size"]), ",".join(r["aliases"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _gate(gate: dict | None) -> str:
+    """`promote vs base 0.91 [0.89,0.93] vs champion 0.97 [0.95,0.99] 120 docs`: the verdict and
+    the perplexity-ratio intervals it rests on."""
+    if not gate:
+        return "-"
+    parts = [gate.get("verdict", "?")]
+    for label, key in (("vs base", "vs_base"), ("vs champion", "vs_champion")):
+        interval = gate.get(key) or {}
+        if interval.get("ppl_ratio"):
+            low, mid, high = interval["ppl_ratio"]
+            parts.append(f"{label} {mid:.3f} [{low:.3f},{high:.3f}]")
+    if gate.get("documents"):
+        parts.append(f"{gate['documents']} docs")
+    return " ".join(parts)
 
 
 def _fmt(value) -> str:
@@ -129,8 +218,16 @@ def _pull(args) -> int:
 def _gc(args) -> int:
     from loraflow.registry import gc_adapter
 
-    report = gc_adapter(settings_from_args(args), args.name, grace_seconds=args.grace, dry_run=args.dry_run)
+    report = gc_adapter(settings_from_args(args), args.name, grace_seconds=args.grace, dry_run=args.dry_run,
+                        keep_last=args.keep_last, keep_champions=args.keep_champions)
     verb = "would remove" if args.dry_run else "removed"
+    if args.keep_last is not None:
+        print(f"{'would delete' if args.dry_run else 'deleted'} {len(report.deleted_versions)} version(s), "
+              f"kept {len(report.retained)}")
+        for version in report.deleted_versions:
+            print(f"  - {version}")
+        for version, why in report.retained.items():
+            print(f"  = {version}  ({why})")
     print(f"{verb} {len(report.removed_versions)} incomplete version(s) ({report.removed_objects} objects), "
           f"{report.removed_locks} expired lock claim(s), {report.aborted_uploads} stale multipart upload(s); "
           f"kept {len(report.kept_recent)} recent incomplete version(s)")

@@ -1,6 +1,7 @@
 """Aliases (`latest`, `champion`, ...): small JSON objects naming one version, moved by
 compare-and-swap so that two publishers never lose an update or leave an alias pointing at a
-version that does not exist.
+version that does not exist. Every move is recorded (registry.history): the alias object carries a
+move counter `seq`, who moved it and why, and one history object per move is appended next to it.
 
 Two mechanisms, chosen per bucket at run time by `cas_mode` (a probe, cached per process):
 
@@ -34,6 +35,7 @@ from datetime import datetime, timezone
 
 from loraflow.errors import ConfigError, StorageError
 from loraflow.log import get_logger
+from loraflow.registry.history import append_event, default_actor, move_event
 from loraflow.registry.layout import Layout, check_name, check_version
 from loraflow.registry.manifest import now_iso
 from loraflow.storage.store import Store, error_code
@@ -127,18 +129,22 @@ def list_aliases(store: Store, layout: Layout) -> dict[str, str]:
     return out
 
 
-def _alias_doc(layout: Layout, alias: str, version: str, previous: str | None) -> dict:
-    return {"name": layout.name, "alias": alias, "version": version, "previous": previous,
-            "updated_at": now_iso()}
+def _alias_doc(layout: Layout, alias: str, version: str, got: tuple[dict, str] | None, actor: str,
+               reason: str) -> dict:
+    previous = got[0] if got else {}
+    return {"name": layout.name, "alias": alias, "version": version, "previous": previous.get("version"),
+            "seq": int(previous.get("seq", 0)) + 1, "updated_at": now_iso(), "actor": actor, "reason": reason}
 
 
-def compare_and_swap(store: Store, layout: Layout, alias: str,
-                     decide: Callable[[str | None], str | None]) -> str | None:
+def compare_and_swap(store: Store, layout: Layout, alias: str, decide: Callable[[str | None], str | None], *,
+                     actor: str | None = None, reason: str = "") -> str | None:
     """Move `alias` to `decide(current)`; `decide` returns None to leave it, or raises.
-    Returns the version the alias points at afterwards."""
+    Returns the version the alias points at afterwards. A move is recorded in the alias's
+    history with `actor` (default: the flow run, else user@host) and `reason`."""
     check_name(alias, "alias")
+    actor = actor or default_actor()
     if cas_mode(store) == "conditional":
-        return _cas_conditional(store, layout, alias, decide)
+        return _cas_conditional(store, layout, alias, decide, actor, reason)
     with AliasLock(store, layout, alias) as lock:
         got = read_alias(store, layout, alias)
         current = got[0]["version"] if got else None
@@ -146,15 +152,17 @@ def compare_and_swap(store: Store, layout: Layout, alias: str,
         if target is None or target == current:
             return current
         lock.check()
-        store.put_json(layout.alias_key(alias), _alias_doc(layout, alias, target, current))
+        doc = _alias_doc(layout, alias, target, got, actor, reason)
+        store.put_json(layout.alias_key(alias), doc)
         if current_version(store, layout, alias) != target:
             raise StorageError(f"{layout.uri(layout.alias_key(alias))}: read-back after the update "
                                "shows another version; another writer bypassed the lock")
+        _record(store, layout, alias, doc)
         return target
 
 
-def _cas_conditional(store: Store, layout: Layout, alias: str,
-                     decide: Callable[[str | None], str | None]) -> str | None:
+def _cas_conditional(store: Store, layout: Layout, alias: str, decide: Callable[[str | None], str | None],
+                     actor: str, reason: str) -> str | None:
     from botocore.exceptions import ClientError
 
     key = layout.alias_key(alias)
@@ -165,9 +173,11 @@ def _cas_conditional(store: Store, layout: Layout, alias: str,
         if target is None or target == current:
             return current
         conditions = {"IfMatch": etag} if etag else {"IfNoneMatch": "*"}
+        doc = _alias_doc(layout, alias, target, got, actor, reason)
         try:
             store.client.put_object(Bucket=store.bucket, Key=key, ContentType="application/json",
-                                    Body=_json(_alias_doc(layout, alias, target, current)), **conditions)
+                                    Body=_json(doc), **conditions)
+            _record(store, layout, alias, doc)
             return target
         except ClientError as exc:
             if error_code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
@@ -175,6 +185,16 @@ def _cas_conditional(store: Store, layout: Layout, alias: str,
                     raise
             time.sleep(random.uniform(0, 0.05 * (attempt + 1)))
     raise AliasConflictError(f"{layout.uri(key)}: still contended after {CAS_RETRIES} attempts")
+
+
+def _record(store: Store, layout: Layout, alias: str, doc: dict) -> None:
+    try:
+        append_event(store, layout, alias, move_event(layout, alias, doc))
+    except StorageError as exc:
+        # The alias has moved; failing now would report a move that happened as failed. The alias
+        # object itself carries this move, and read_history recovers it from there.
+        log.warning("alias %s of %s moved to %s, but its history record was not written: %s",
+                    alias, layout.name, doc["version"], exc)
 
 
 def _json(doc: dict) -> bytes:
@@ -243,7 +263,8 @@ def _require_version(store: Store, layout: Layout, version: str) -> None:
                            f"(no manifest under {layout.uri(layout.version_prefix(version))})")
 
 
-def move_alias(store: Store, layout: Layout, alias: str, version: str, *, expected_version=ANY) -> str | None:
+def move_alias(store: Store, layout: Layout, alias: str, version: str, *, expected_version=ANY,
+               actor: str | None = None, reason: str = "") -> str | None:
     _require_version(store, layout, version)
 
     def decide(current: str | None) -> str | None:
@@ -252,12 +273,14 @@ def move_alias(store: Store, layout: Layout, alias: str, version: str, *, expect
                                      f"expected {expected_version or 'nothing'}")
         return version
 
-    return compare_and_swap(store, layout, alias, decide)
+    return compare_and_swap(store, layout, alias, decide, actor=actor, reason=reason)
 
 
-def advance_alias(store: Store, layout: Layout, alias: str, version: str) -> str | None:
+def advance_alias(store: Store, layout: Layout, alias: str, version: str, *, actor: str | None = None,
+                  reason: str = "published") -> str | None:
     """Move `alias` to `version` unless it already points at a newer one: concurrent publishers
     leave `latest` on the newest version, whatever order their updates arrive in."""
     _require_version(store, layout, version)
     return compare_and_swap(store, layout, alias,
-                            lambda current: version if current is None or version > current else None)
+                            lambda current: version if current is None or version > current else None,
+                            actor=actor, reason=reason)

@@ -1,12 +1,17 @@
-"""Reading the registry and moving aliases by hand: what `loraflow versions` and
-`loraflow promote` call, by settings rather than by store."""
+"""Reading the registry and moving aliases by hand: what `loraflow versions`, `loraflow promote`,
+`loraflow history` and `loraflow rollback` call, by settings rather than by store. Moves made here
+emit Prefect events (loraflow.events) when a Prefect API is configured."""
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from loraflow.errors import StorageError
-from loraflow.registry.aliases import ANY, current_version, list_aliases, move_alias
+from typing import Any
+
+from loraflow import events
+from loraflow.errors import ConfigError, StorageError
+from loraflow.registry.aliases import ANY, AliasConflictError, compare_and_swap, current_version, list_aliases, move_alias
+from loraflow.registry.history import read_history
 from loraflow.registry.layout import MANIFEST, Layout, check_name, check_version
 from loraflow.registry.manifest import validate_manifest
 from loraflow.storage.store import Store
@@ -35,12 +40,66 @@ def get_alias(settings, name: str, alias: str) -> str | None:
     return current_version(store, layout, check_name(alias, "alias"))
 
 
-def set_alias(settings, name: str, alias: str, version: str, *, expected_version=ANY) -> None:
+def set_alias(settings, name: str, alias: str, version: str, *, expected_version=ANY, actor: str | None = None,
+              reason: str = "", payload: dict[str, Any] | None = None) -> None:
     """Point `alias` at `version` (which must exist). With `expected_version` (a version, or None
     for "the alias must not exist yet") this is a compare-and-swap: AliasConflictError when the
-    alias points elsewhere."""
+    alias points elsewhere. The move is recorded in the alias's history (`actor`, `reason`) and
+    announced as `loraflow.adapter.promoted` (with `payload`, e.g. the gate's verdict)."""
     store, layout = open_registry(settings, name)
-    move_alias(store, layout, alias, check_version(version), expected_version=expected_version)
+    before = current_version(store, layout, check_name(alias, "alias"))
+    move_alias(store, layout, alias, check_version(version), expected_version=expected_version, actor=actor,
+               reason=reason)
+    _announce(store, layout, "promoted", version, alias, previous=before, reason=reason, **(payload or {}))
+
+
+def _announce(store: Store, layout: Layout, event: str, version: str, alias: str | None, **payload: Any) -> None:
+    if not events.api_configured():
+        return  # skip the manifest read too
+    metrics = fetch_manifest(store, layout, version).get("metrics") or {}
+    events.emit(event, layout.name, version=version, alias=alias, metrics=metrics, **payload)
+
+
+def alias_history(settings, name: str, alias: str, limit: int | None = None) -> list[dict]:
+    """Every move of `alias`, newest first: seq, from, to, at, actor, reason."""
+    store, layout = open_registry(settings, name)
+    store.check_bucket()
+    return read_history(store, layout, check_name(alias, "alias"), limit)
+
+
+def rollback_alias(settings, name: str, alias: str, *, to: str | None = None, actor: str | None = None,
+                   reason: str | None = None) -> tuple[str, str]:
+    """Move `alias` back to the version it pointed at before its current one (or to `to`), by
+    compare-and-swap against the version it points at now. Returns (from, to)."""
+    store, layout = open_registry(settings, name)
+    check_name(alias, "alias")
+    store.check_bucket()
+    current = current_version(store, layout, alias)
+    if current is None:
+        raise StorageError(f"adapter {name!r} has no alias {alias!r}: nothing to roll back")
+    if to is None:
+        previous = next((e.get("from") for e in read_history(store, layout, alias) if e.get("to") == current), None)
+        if previous is None:
+            raise ConfigError(f"alias {alias!r} of {name!r} has no previous version in its history; "
+                              "name one with --to VERSION")
+        to = previous
+    to = check_version(to)
+    if to == current:
+        raise ConfigError(f"alias {alias!r} of {name!r} already points at {to}")
+    reason = reason or f"rollback from {current}"
+
+    def decide(now: str | None) -> str:
+        if now != current:
+            raise AliasConflictError(f"alias {alias!r} of {name!r} moved to {now or 'nothing'} while rolling back "
+                                     f"from {current}; nothing changed")
+        return to
+
+    if not store.exists(layout.manifest_key(to)):
+        raise StorageError(f"version {to} of adapter {name!r} does not exist "
+                           f"(no manifest under {layout.uri(layout.version_prefix(to))})")
+    compare_and_swap(store, layout, alias, decide, actor=actor, reason=reason)
+    _announce(store, layout, "rolled-back", to, alias, previous=current, reason=reason)
+    return current, to
 
 
 def complete_versions(store: Store, layout: Layout) -> list[str]:
@@ -74,5 +133,6 @@ def list_versions(settings, name: str) -> list[dict]:
             "dataset_fingerprint": (manifest.get("dataset") or {}).get("fingerprint"),
             "size": sum(f["size"] for f in manifest["files"]),
             "flow_run_id": manifest.get("flow_run_id"),
+            "gate": manifest.get("gate"),
         })
     return out

@@ -1,7 +1,14 @@
 """`loraflow gc NAME`: remove what failed publishes left behind. A version directory without a
 manifest whose newest object is older than the grace period is garbage (its publisher died or gave
 up); so are lock claims past their lease and multipart uploads abandoned before the grace period.
-Complete versions are never touched: aliases and pinned consumers may point at any of them."""
+
+Retention (`--keep-last N`) also deletes complete versions, oldest first, except the newest N, any
+version an alias points at, and any version that held `champion` (registry.promote_alias) in the
+alias's last K moves (`--keep-champions K`, registry.gc_keep_champions), so a rollback always has
+somewhere to go. A version's manifest is deleted first: from that moment the version does not
+exist for readers (listings, pulls by alias or version), and a pull that read the manifest just
+before fails on a missing object instead of placing a partial directory. Without `--keep-last`,
+complete versions are never touched."""
 
 from __future__ import annotations
 
@@ -10,8 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from loraflow.log import get_logger
-from loraflow.registry.aliases import LEASE_S
-from loraflow.registry.catalog import open_registry
+from loraflow.registry.aliases import LEASE_S, list_aliases
+from loraflow.registry.catalog import complete_versions, open_registry
+from loraflow.registry.history import read_history
 from loraflow.registry.layout import MANIFEST
 from loraflow.storage.store import error_code
 
@@ -25,17 +33,22 @@ class GcReport:
     kept_recent: list[str] = field(default_factory=list)  # incomplete but younger than the grace period
     removed_locks: int = 0
     aborted_uploads: int = 0
+    deleted_versions: list[str] = field(default_factory=list)  # complete versions removed by retention
+    retained: dict[str, str] = field(default_factory=dict)  # version -> why retention kept it
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
-def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_run: bool = False) -> GcReport:
+def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_run: bool = False,
+               keep_last: int | None = None, keep_champions: int | None = None) -> GcReport:
     grace = settings.registry.gc_grace_seconds if grace_seconds is None else grace_seconds
     store, layout = open_registry(settings, name)
     store.check_bucket()
     now = datetime.now(timezone.utc)
     report = GcReport()
+    if keep_last is not None:
+        _apply_retention(settings, store, layout, report, keep_last, keep_champions, dry_run)
 
     groups: dict[str, list[dict]] = {}
     for obj in store.list(layout.versions_prefix):
@@ -66,6 +79,47 @@ def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_r
     for version in report.removed_versions:
         log.info("%s incomplete version %s of %s", "would remove" if dry_run else "removed", version, name)
     return report
+
+
+def _apply_retention(settings, store, layout, report: GcReport, keep_last: int, keep_champions: int | None,
+                     dry_run: bool) -> None:
+    from loraflow.errors import ConfigError
+
+    if keep_last < 0 or (keep_champions is not None and keep_champions < 0):
+        raise ConfigError("--keep-last and --keep-champions must be 0 or more")
+    champions = settings.registry.gc_keep_champions if keep_champions is None else keep_champions
+    champion_alias = settings.registry.promote_alias
+    versions = complete_versions(store, layout)
+    keep = {v: f"one of the newest {keep_last}" for v in versions[len(versions) - keep_last:]} if keep_last else {}
+    recent = read_history(store, layout, champion_alias, champions) if champions else []
+    for event in recent:
+        for version in (event.get("to"), event.get("from")):
+            if version:
+                keep.setdefault(version, f"held {champion_alias} in its last {champions} moves")
+    aliased = list_aliases(store, layout)
+    for version in versions:
+        aliases = sorted(a for a, v in aliased.items() if v == version)
+        if aliases:
+            keep[version] = "aliased: " + ",".join(aliases)
+        if version in keep:
+            report.retained[version] = keep[version]
+            continue
+        report.deleted_versions.append(version)
+        if dry_run:
+            continue
+        # Aliases read again right before the deletion: an alias moved onto this version since the
+        # listing above wins (no version is deleted under an alias that a reader could follow).
+        if _aliases_of(store, layout, version):
+            report.deleted_versions.pop()
+            report.retained[version] = "aliased during gc"
+            continue
+        store.delete([layout.manifest_key(version)])  # first: the version is gone for readers
+        store.delete([o["Key"] for o in store.list(layout.version_prefix(version))])
+        log.info("deleted version %s of %s", version, layout.name)
+
+
+def _aliases_of(store, layout, version: str) -> list[str]:
+    return sorted(a for a, v in list_aliases(store, layout).items() if v == version)
 
 
 def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> int:

@@ -1,0 +1,136 @@
+"""Alias history, rollback and retention on the real S3 server (rclone)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from loraflow.errors import StorageError
+from loraflow.registry import alias_history, get_alias, list_versions, publish_adapter, pull_adapter
+from loraflow.registry.catalog import complete_versions, open_registry
+
+
+def _publish(settings, adapter_dir, name: str, count: int, aliases=()) -> list[str]:
+    return [publish_adapter(settings, adapter_dir, name=name, aliases=list(aliases)).version for _ in range(count)]
+
+
+def _args(settings) -> list[str]:
+    storage = settings.storage
+    return ["--set", f"storage.endpoint_url={storage.endpoint_url}", "--set", f"storage.bucket={storage.bucket}"]
+
+
+def test_history_records_every_move_and_rollback_moves_back(s3_settings, tiny_adapter_dir, cli):
+    v1, v2, v3 = _publish(s3_settings, tiny_adapter_dir, "h", 3, aliases=["latest"])
+    args = _args(s3_settings)
+    for version, reason in ((v1, "first"), (v2, "better on the new reviews"), (v3, "")):
+        assert cli("promote", "h", version, "--alias", "champion", "--reason", reason, *args)[0] == 0
+
+    code, out, err = cli("history", "h", "--json", *args)
+    assert code == 0, err
+    events = json.loads(out)
+    assert [(e["from"], e["to"]) for e in events] == [(v2, v3), (v1, v2), (None, v1)]  # newest first
+    assert [e["seq"] for e in events] == [3, 2, 1]
+    assert events[1]["reason"] == "better on the new reviews" and events[0]["reason"] == "promoted by hand"
+    assert all("@" in e["actor"] and e["at"] for e in events)  # the CLI user, user@host
+    # `latest` moved on every publish, recorded as such.
+    latest = alias_history(s3_settings, "h", "latest")
+    assert [e["to"] for e in latest] == [v3, v2, v1] and {e["reason"] for e in latest} == {"published"}
+
+    code, out, _ = cli("history", "h", *args)
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["WHEN", "FROM", "TO", "ACTOR", "REASON"]
+    assert v3 in lines[1] and v1 in lines[3] and len(lines) == 4
+
+    code, out, err = cli("rollback", "h", *args)
+    assert code == 0, err
+    assert out.strip() == f"h@champion: {v3} -> {v2} (rolled back)"
+    assert get_alias(s3_settings, "h", "champion") == v2
+    newest = alias_history(s3_settings, "h", "champion", limit=1)[0]
+    assert (newest["from"], newest["to"], newest["reason"]) == (v3, v2, f"rollback from {v3}")
+
+    assert cli("rollback", "h", "--to", v1, "--reason", "v2 misbehaves", *args)[0] == 0
+    assert get_alias(s3_settings, "h", "champion") == v1
+    assert alias_history(s3_settings, "h", "champion", limit=1)[0]["reason"] == "v2 misbehaves"
+    assert len(alias_history(s3_settings, "h", "champion")) == 5
+
+    # Nothing to go back to: one line naming the alias, non-zero exit.
+    code, _, err = cli("rollback", "h", "--alias", "first", *args)
+    assert code != 0 and "has no alias 'first'" in err and len(err.strip().splitlines()) == 1
+    assert cli("promote", "h", v1, "--alias", "solo", *args)[0] == 0
+    code, _, err = cli("rollback", "h", "--alias", "solo", *args)
+    assert code == 2 and "no previous version" in err
+
+
+def test_history_shows_a_move_whose_record_was_lost(s3_settings, tiny_adapter_dir):
+    """A writer that died between moving the alias and writing its record: the alias object itself
+    remembers the move, so the history still shows it."""
+    from loraflow.registry import set_alias
+    from loraflow.registry.history import history_prefix
+
+    v1, v2 = _publish(s3_settings, tiny_adapter_dir, "lost", 2)
+    set_alias(s3_settings, "lost", "champion", v1, actor="flow-run:abc", reason="gate")
+    set_alias(s3_settings, "lost", "champion", v2, actor="flow-run:def", reason="gate")
+    store, layout = open_registry(s3_settings, "lost")
+    newest = max(o["Key"] for o in store.list(history_prefix(layout, "champion")))
+    store.delete([newest])
+    events = alias_history(s3_settings, "lost", "champion")
+    assert [(e["from"], e["to"], e["actor"]) for e in events] == [(v1, v2, "flow-run:def"), (None, v1, "flow-run:abc")]
+    assert events[0]["recovered_from_alias"]
+
+
+def test_retention_keeps_aliased_recent_and_recent_champions_readers_see_whole_versions(
+        s3_server, s3_settings, tiny_adapter_dir, tmp_path, cli):
+    from loraflow.registry import set_alias
+
+    v = _publish(s3_settings, tiny_adapter_dir, "r", 7, aliases=["latest"])
+    set_alias(s3_settings, "r", "champion", v[1])
+    set_alias(s3_settings, "r", "champion", v[2])
+    set_alias(s3_settings, "r", "champion", v[3])
+    set_alias(s3_settings, "r", "canary", v[4])
+    args = [*_args(s3_settings), "--keep-last", "1", "--keep-champions", "1"]
+
+    # keep: v6 (newest, latest), v4 (canary), v3 (champion), v2 (held champion in its last move).
+    code, out, err = cli("gc", "r", "--dry-run", *args)
+    assert code == 0, err
+    assert out.splitlines()[0] == "would delete 3 version(s), kept 4"
+    assert {line.split()[1] for line in out.splitlines() if line.startswith("  - ")} == {v[0], v[1], v[5]}
+    assert f"  = {v[2]}  (held champion in its last 1 moves)" in out
+    assert [r["version"] for r in list_versions(s3_settings, "r")] == v  # nothing deleted
+
+    # For real, while another thread keeps pulling every listed version.
+    stop, seen, refused = threading.Event(), set(), []
+
+    def reader() -> None:
+        store, layout = open_registry(s3_settings, "r")
+        while not stop.is_set():
+            for version in complete_versions(store, layout):
+                try:
+                    seen.add(pull_adapter(f"r=={version}", settings=s3_settings, dest=tmp_path / "cache").name)
+                except StorageError as exc:  # deleted between the listing and the pull
+                    refused.append(str(exc))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        code, out, err = cli("gc", "r", *args)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert code == 0, err
+    assert out.splitlines()[0] == "deleted 3 version(s), kept 4"
+    survivors = [v[2], v[3], v[4], v[6]]
+    assert [r["version"] for r in list_versions(s3_settings, "r")] == survivors
+    bucket_dir = s3_server.root / s3_settings.storage.bucket / "adapters" / "r" / "versions"
+    assert {p.parent.name for p in bucket_dir.glob("*/*")} == set(survivors)  # no half versions left
+    assert all("does not exist" in msg or "missing" in msg for msg in refused), refused
+    for version in seen:  # every pull that succeeded placed a whole, verified version
+        files = {p.name for p in (tmp_path / "cache" / "r" / version).iterdir()}
+        assert {"adapter_config.json", "adapter_model.safetensors", "manifest.json"} <= files, files
+    assert sorted(p.name for p in (tmp_path / "cache" / "r").iterdir()) == sorted(seen)
+    with pytest.raises(StorageError, match="does not exist|no version"):
+        pull_adapter(f"r=={v[0]}", settings=s3_settings, dest=tmp_path / "other")
+
+    code, out, _ = cli("gc", "r", *args)  # idempotent
+    assert out.splitlines()[0] == "deleted 0 version(s), kept 4"
