@@ -1,10 +1,13 @@
-"""The `retrain` flow: prepare data -> train -> evaluate -> publish -> gate.
+"""The `retrain` flow: prepare data -> train -> evaluate -> gate -> publish -> promote.
 
 One typed parameter, `settings` (loraflow's Settings; its defaults are the seed notebook's recipe),
-so the Prefect UI renders it as a form. The gate moves the `champion` alias only when the new
-adapter beats the base model and is not worse than the current champion on the same eval set;
-otherwise the version is published but not promoted, and the run says so in its logs and artifacts.
-A diverged training run or a failed evaluation stops the flow before anything is published."""
+so the Prefect UI renders it as a form. The gate (loraflow.promotion, docs/gate.md) scores the
+candidate, the base model and the current champion on the same eval documents and moves the
+`champion` alias only when a paired bootstrap says the candidate beats the base and the champion
+with confidence and its generation health has not regressed; its verdict and intervals go into the
+version's manifest, so the gate runs before the publish. Otherwise the version is published but
+not promoted, and the run says so in its logs, artifacts and a `loraflow.adapter.promotion-refused`
+event. A diverged training run or a failed evaluation stops the flow before anything is published."""
 
 from __future__ import annotations
 
@@ -24,12 +27,13 @@ from loraflow.flows.train_adapter import train_adapter_flow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from loraflow import events
 from loraflow.errors import LoraflowError, TrainingError
 from loraflow.promotion import GateDecision, decide
 from loraflow.settings import Settings
 from loraflow.tasks.evaluate import evaluate_task
 from loraflow.tasks.prepare import prepare_dataset_task
-from loraflow.tasks.promote import promote_task, pull_version_task, read_champion_task
+from loraflow.tasks.promote import evaluate_champion_task, promote_task, pull_version_task, read_champion_task
 from loraflow.tasks.publish import publish_task
 from loraflow.tasks.train import fetch_staged_task
 
@@ -55,21 +59,30 @@ def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
     return fetch_staged_task(settings, run_key)
 
 
-def measure_champion(settings: Settings, eval_fingerprint: str) -> dict[str, Any]:
-    """The champion's perplexity on the current eval set: its recorded number when it was measured on
-    the same set (same fingerprint), else measured now."""
-    champion = read_champion_task(settings, eval_fingerprint)
-    if champion["version"] is not None and champion["ppl"] is None:
+def measure_champion(settings: Settings) -> dict[str, Any]:
+    """The current champion scored on this run's eval documents: {"version", "evaluation" (None when
+    there is no champion or it could not be measured), "ppl", "remeasured"}."""
+    champion: dict[str, Any] = {"version": read_champion_task(settings), "evaluation": None, "ppl": None,
+                                "remeasured": False}
+    if champion["version"] is not None:
         logger = get_run_logger()
-        logger.info("champion %s was measured on another eval set (%s); evaluating it on this one",
-                    champion["version"], champion["recorded_on"])
+        logger.info("scoring champion %s on this run's eval documents", champion["version"])
         try:
             path = pull_version_task(settings, champion["version"])
-            champion["ppl"] = evaluate_task(settings, path)["adapter_ppl"]
+            champion["evaluation"] = evaluate_champion_task(settings, path)
+            champion["ppl"] = champion["evaluation"]["adapter_ppl"]
             champion["remeasured"] = True
         except LoraflowError as exc:
             logger.warning("could not evaluate champion %s: %s", champion["version"], exc)
     return champion
+
+
+def gate(settings: Settings, evaluation: dict[str, Any], champion: dict[str, Any]) -> GateDecision:
+    registry = settings.registry
+    return decide(evaluation, champion["evaluation"], champion_version=champion["version"],
+                  margin=registry.promotion_margin, resamples=registry.gate_resamples,
+                  confidence=registry.gate_confidence, eos_tolerance=registry.health_eos_tolerance,
+                  distinct_tolerance=registry.health_distinct_tolerance)
 
 
 def _loss_curve_markdown(path: str | None) -> str:
@@ -80,15 +93,37 @@ def _loss_curve_markdown(path: str | None) -> str:
     return f"![training loss](data:image/png;base64,{data})"
 
 
+def _ratio(interval: dict[str, Any] | None) -> str | None:
+    if not interval:
+        return None
+    low, mid, high = interval["ppl_ratio"]
+    return f"{mid:.4f} [{low:.4f}, {high:.4f}]"
+
+
 def publish_artifacts(settings: Settings, published: dict[str, Any], decision: GateDecision, train: dict[str, Any],
                       evaluation: dict[str, Any], timings: dict[str, float]) -> None:
     name = settings.registry.adapter_name
+    pct = f"{100 * settings.registry.gate_confidence:.0f}% CI"
+    gate = decision.to_dict()
+    health = decision.health.get("candidate") or {}
+    champion_health = decision.health.get("champion") or {}
     rows = [
         {"metric": "base perplexity", "value": round(evaluation["base_ppl"], 4)},
         {"metric": "adapter perplexity", "value": round(evaluation["adapter_ppl"], 4)},
-        {"metric": "champion perplexity (before this run)",
+        {"metric": "champion perplexity (this eval set)",
          "value": None if decision.champion_ppl is None else round(decision.champion_ppl, 4)},
+        {"metric": "gate verdict", "value": gate["verdict"]},
+        {"metric": f"adapter/base perplexity ratio ({pct})", "value": _ratio(decision.vs_base)},
+        {"metric": f"adapter/champion perplexity ratio ({pct})", "value": _ratio(decision.vs_champion)},
+        {"metric": "eval documents", "value": gate["documents"]},
         {"metric": "eval tokens", "value": evaluation.get("eval_tokens")},
+        {"metric": "generations ending with EOS (adapter / champion)",
+         "value": f"{health.get('eos_rate')} / {champion_health.get('eos_rate', '-')}"},
+        {"metric": "distinct-2 (adapter / champion)",
+         "value": f"{health.get('distinct_2')} / {champion_health.get('distinct_2', '-')}"},
+        {"metric": "general-text perplexity base -> adapter",
+         "value": None if evaluation.get("general_adapter_ppl") is None else
+         f"{evaluation.get('general_base_ppl'):.4f} -> {evaluation['general_adapter_ppl']:.4f}"},
         {"metric": "train tokens", "value": train.get("train_tokens")},
         {"metric": "train steps", "value": train.get("global_step")},
         {"metric": "final train loss", "value": train.get("final_loss")},
@@ -96,7 +131,7 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         {"metric": "train tokens/s", "value": round(float(train.get("tokens_per_s") or 0), 1)},
     ] + [{"metric": f"wall time: {k} (s)", "value": round(v, 1)} for k, v in timings.items()]
     create_table_artifact(key=_artifact_key(name, "metrics"), table=rows,
-                          description=f"{name} {published['version']}: base vs adapter perplexity, training throughput")
+                          description=f"{name} {published['version']}: base vs adapter perplexity, gate, training throughput")
     verdict = "PROMOTED to" if decision.promote else "NOT promoted to"
     md = (
         f"# {name} {published['version']}: {verdict} `{settings.registry.promote_alias}`\n\n"
@@ -105,7 +140,12 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         f"| version | `{published['version']}` |\n"
         f"| location | `{published['uri']}` |\n"
         f"| base perplexity | {evaluation['base_ppl']:.4f} |\n"
-        f"| adapter perplexity | {evaluation['adapter_ppl']:.4f} |\n\n"
+        f"| adapter perplexity | {evaluation['adapter_ppl']:.4f} |\n"
+        f"| adapter/base perplexity ratio ({pct}) | {_ratio(decision.vs_base) or '-'} |\n"
+        f"| champion before this run | {decision.champion_version or '-'} |\n"
+        f"| adapter/champion perplexity ratio ({pct}) | {_ratio(decision.vs_champion) or '-'} |\n"
+        f"| eval documents / tokens | {gate['documents']} / {gate['tokens']} |\n"
+        f"| generations ending with EOS | {health.get('eos_rate')} |\n\n"
         f"Use it:\n\n```bash\nloraflow pull {name}=={published['version']}\n```\n\n"
         f"## Training loss\n\n{_loss_curve_markdown(train.get('loss_curve_path'))}\n"
     )
@@ -142,6 +182,11 @@ def _retrain(settings: Settings) -> dict[str, Any]:
     timings["evaluation"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    champion = measure_champion(settings)
+    decision = gate(settings, evaluation, champion)
+    timings["gate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     metrics = {**{k: evaluation[k] for k in ("base_ppl", "adapter_ppl", "base_eval_loss", "eval_loss",
                                                  "eval_tokens", "eval_documents") if k in evaluation},
                **{k: train.get(k) for k in ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "final_loss")}}
@@ -151,27 +196,30 @@ def _retrain(settings: Settings) -> dict[str, Any]:
         "eval_fingerprint": evaluation.get("eval_fingerprint"),
         "flow_run_id": flow_run.id,
         "flow_run_name": flow_run.name,
+        "gate": decision.to_dict(),
     })
     timings["publishing"] = time.perf_counter() - t
+    events.emit("published", published["name"], version=published["version"], metrics=metrics,
+                gate=decision.to_dict(), flow_run_id=str(flow_run.id))
 
     t = time.perf_counter()
-    champion = measure_champion(settings, evaluation.get("eval_fingerprint") or "")
-    decision = decide(evaluation["adapter_ppl"], evaluation["base_ppl"], champion_version=champion["version"],
-                      champion_ppl=champion["ppl"], margin=settings.registry.promotion_margin)
     if decision.promote:
         try:
-            promote_task(settings, published["version"], champion["version"])
+            promote_task(settings, published["version"], champion["version"], reason=decision.reason,
+                         gate=decision.to_dict())
         except LoraflowError as exc:
-            decision = GateDecision(False, f"the {settings.registry.promote_alias} alias moved while this run was "
-                                           f"deciding ({exc})", decision.candidate_ppl, decision.base_ppl,
-                                    decision.champion_version, decision.champion_ppl)
-    timings["gate"] = time.perf_counter() - t
+            decision = decision.refused(f"the {settings.registry.promote_alias} alias moved while this run was "
+                                        f"deciding ({exc})")
+    timings["gate"] += time.perf_counter() - t
     if decision.promote:
         logger.info("PROMOTED %s==%s to %s: %s", published["name"], published["version"],
                     settings.registry.promote_alias, decision.reason)
     else:
         logger.warning("published %s==%s but NOT promoted to %s: %s", published["name"], published["version"],
                        settings.registry.promote_alias, decision.reason)
+        events.emit("promotion-refused", published["name"], version=published["version"],
+                    alias=settings.registry.promote_alias, metrics=metrics, reason=decision.reason,
+                    champion=champion["version"], gate=decision.to_dict(), flow_run_id=str(flow_run.id))
 
     try:
         from loraflow.checkpoints import delete_run
@@ -187,6 +235,7 @@ def _retrain(settings: Settings) -> dict[str, Any]:
         "flow_run_id": str(flow_run.id),
         "promoted": decision.promote,
         "reason": decision.reason,
+        "gate": decision.to_dict(),
         "champion_before": champion["version"],
         "champion_ppl": champion["ppl"],
         "champion_remeasured": champion.get("remeasured", False),

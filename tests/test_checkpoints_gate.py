@@ -1,4 +1,5 @@
-"""Checkpoint sync to object storage (integrity, incomplete uploads) and the promotion gate's rule."""
+"""Checkpoint sync to object storage (integrity, incomplete uploads) and the promotion gate's rule
+(paired bootstrap on per-document losses, generation health)."""
 
 from __future__ import annotations
 
@@ -47,14 +48,62 @@ def test_checkpoints_round_trip_skip_incomplete_uploads_and_refuse_tampering(s3_
     assert not (tmp_path / "restored-again" / "optimizer.pt").exists()
 
 
-def test_gate_promotes_only_a_better_adapter():
-    from loraflow.promotion import decide
+def _scores(losses, base, tokens, eos=0.5, distinct=0.8) -> dict:
+    return {"document_losses": losses, "base_document_losses": base, "document_tokens": tokens,
+            "adapter_ppl": math.exp(sum(x * n for x, n in zip(losses, tokens)) / sum(tokens)),
+            "base_ppl": math.exp(sum(x * n for x, n in zip(base, tokens)) / sum(tokens)),
+            "generation_health": {"adapter": {"eos_rate": eos, "distinct_2": distinct}}}
 
-    assert decide(10.0, 12.0).promote  # no champion yet
-    assert not decide(12.0, 12.0).promote  # must beat the base model strictly
-    assert not decide(math.nan, 12.0).promote
-    assert decide(10.0, 12.0, champion_version="v1", champion_ppl=10.0).promote  # not worse: ties win
-    worse = decide(10.5, 12.0, champion_version="v1", champion_ppl=10.0)
-    assert not worse.promote and "worse than champion v1" in worse.reason
-    assert decide(10.5, 12.0, champion_version="v1", champion_ppl=10.0, margin=0.1).promote
-    assert not decide(10.0, 12.0, champion_version="v1", champion_ppl=None).promote  # could not be measured
+
+def test_gate_rule_on_paired_document_losses():
+    """The decision rule on known numbers: 60 documents whose losses vary a lot between documents
+    (what an unpaired comparison would drown in) and little within a document between models."""
+    import numpy as np
+
+    from loraflow.promotion import decide, paired_bootstrap
+
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(20, 400, size=60).tolist()
+    base = rng.normal(4.0, 0.8, size=60)
+    better = (base - 0.10 + rng.normal(0, 0.02, size=60)).tolist()
+    noise = (base + rng.normal(0, 0.02, size=60)).tolist()  # no real change
+    base = base.tolist()
+
+    interval = paired_bootstrap(better, base, tokens)
+    assert interval.high < 0 and interval.low < interval.mean < interval.high
+    assert interval.mean == pytest.approx(sum((b - a) * n for a, b, n in zip(base, better, tokens)) / sum(tokens))
+    assert paired_bootstrap(better, base, tokens) == interval  # seeded: same numbers, same interval
+
+    first = decide(_scores(better, base, tokens))
+    assert first.promote and "no champion yet" in first.reason
+    record = first.to_dict()
+    assert record["verdict"] == "promote" and record["documents"] == 60 and record["tokens"] == sum(tokens)
+    assert record["vs_base"]["high"] < 0 and record["vs_base"]["ppl_ratio"][2] < 1
+
+    within_noise = decide(_scores(noise, base, tokens))
+    assert not within_noise.promote and "does not beat the base model" in within_noise.reason
+    assert not decide(_scores(base, base, tokens)).promote  # identical to the base: interval [0, 0]
+
+    champion = _scores(better, base, tokens)
+    same = decide(_scores(noise_on(better, rng), base, tokens), champion, champion_version="v1")
+    assert not same.promote and "not better than champion v1" in same.reason
+    # A margin lets a candidate within noise of the champion through.
+    assert decide(_scores(noise_on(better, rng), base, tokens), champion, champion_version="v1", margin=0.05).promote
+    clearly = decide(_scores([x - 0.1 for x in better], base, tokens), champion, champion_version="v1")
+    assert clearly.promote and clearly.vs_champion["high"] < 0
+
+    # Health: better losses, but it stopped ending its generations.
+    rambling = _scores([x - 0.1 for x in better], base, tokens, eos=0.0)
+    refused = decide(rambling, champion, champion_version="v1", eos_tolerance=0.25)
+    assert not refused.promote and "ending with EOS 0.000 vs 0.500" in refused.reason
+    repetitive = _scores([x - 0.1 for x in better], base, tokens, distinct=0.5)
+    assert "distinct-2" in decide(repetitive, champion, champion_version="v1").reason
+
+    assert not decide(_scores(better, base, tokens), None, champion_version="v1").promote  # unmeasurable champion
+    assert not decide(_scores(better, base, tokens), _scores(better[:-1], base[:-1], tokens[:-1]),
+                      champion_version="v1").promote  # scored on other documents
+    assert not decide(_scores([math.nan] * 60, base, tokens)).promote
+
+
+def noise_on(losses, rng) -> list[float]:
+    return [x + d for x, d in zip(losses, rng.normal(0, 0.02, size=len(losses)))]
