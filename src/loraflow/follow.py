@@ -119,6 +119,11 @@ class Follower:
             log.debug("%s does not exist yet", self.ref)
         return self.current
 
+    def _recovered(self) -> None:
+        if self.last_error is not None:
+            log.info("%s: storage reachable again; following %s", self.ref, self.current)
+        self.last_error = None
+
     # --- the thread ----------------------------------------------------------------------------
     def run(self) -> None:
         delay = self.interval
@@ -140,9 +145,7 @@ class Follower:
                 self.last_error = message
                 delay = min(delay * 2, self.max_backoff)
             else:
-                if self.last_error is not None:
-                    log.info("%s: storage reachable again; following %s", self.ref, self.current)
-                self.last_error = None
+                self._recovered()
                 delay = self.interval
             self._stop.wait(delay)
 

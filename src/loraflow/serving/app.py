@@ -106,7 +106,7 @@ def create_app(service: Service):
     def completions(body: CompletionRequest):
         try:
             return service.complete(body.prompt, max_tokens=body.max_tokens, temperature=body.temperature,
-                                    top_p=body.top_p, stop=body.stop)
+                                    top_p=body.top_p, stop=body.stop or [])
         except BadRequest as exc:
             param = str(exc).split(":", 1)[0] if str(exc).startswith(("max_tokens", "prompt")) else None
             return _error(400, str(exc), param)

@@ -1,0 +1,295 @@
+"""`loraflow serve NAME@ALIAS` as a real process on a real S3 server (rclone), driven by real HTTP
+clients: bad requests get 400 naming the field; an alias move under concurrent load is served
+with no failed request; adapters that fail the canary (NaN weights, a perplexity far above the
+recorded one) never get traffic; a store outage does not interrupt serving, and a rollback after
+it is picked up."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from fixtures_s3 import make_adapter_dir, registry_env
+
+pytestmark = pytest.mark.slow
+
+POLL_S = 0.2
+
+
+def wait_for(predicate, timeout: float = 60.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def canary_ppl(model_dir: Path, adapter_dir: Path) -> float:
+    """The adapter's perplexity on the canary's built-in documents: what an evaluation on those
+    documents would have recorded in the manifest."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loraflow.serving.canary import DEFAULT_DOCUMENTS
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(adapter_dir)).eval()
+    nll = count = 0
+    with torch.no_grad():
+        for doc in DEFAULT_DOCUMENTS:
+            ids = tok(doc, return_tensors="pt")["input_ids"]
+            nll += float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def nan_adapter(src: Path, dest: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("README.md"))
+    tensors = load_file(str(dest / "adapter_model.safetensors"))
+    first_b = sorted(k for k in tensors if "lora_B" in k)[0]
+    tensors[first_b] = tensors[first_b] * float("nan")
+    save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def overconfident_adapter(model_dir: Path, dest: Path) -> Path:
+    """LoRA on the output head with large weights: finite logits, wildly wrong confident predictions."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], task_type="CAUSAL_LM",
+                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lm_head" in name and "lora_B" in name:
+                param.mul_(50)
+    model.save_pretrained(dest, save_embedding_layers=False)
+    return dest
+
+
+class Served:
+    """One `loraflow serve` process and the store it follows, shared by the tests of this module
+    (in file order: the outage test stops and restarts the store)."""
+
+    def __init__(self, tmp: Path, model_dir: Path, adapter_dir: Path) -> None:
+        from loraflow.demo.s3server import LocalS3Server, free_port
+        from loraflow.registry import publish_adapter
+        from loraflow.settings import load_settings
+
+        self.tmp = tmp
+        self.addr = f"127.0.0.1:{free_port()}"
+        self.keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+        self.store = LocalS3Server(tmp / "s3", self.addr, buckets=("serve",), **self.keys).start()
+        self.settings = load_settings(storage=self.store.storage_overrides("serve"))
+        second = make_adapter_dir(tmp / "adapter-2", model_dir, seed=1)
+        recorded = {"adapter_ppl": canary_ppl(model_dir, adapter_dir)}
+
+        def publish(path, aliases=()):
+            return publish_adapter(self.settings, path, name="srv", aliases=list(aliases), evaluation=recorded).version
+
+        self.v1 = publish(adapter_dir, ["champion"])
+        self.v2 = publish(second)
+        self.v_nan = publish(nan_adapter(adapter_dir, tmp / "adapter-nan"))
+        self.v_wild = publish(overconfident_adapter(model_dir, tmp / "adapter-wild"))
+
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp / "serve.log", "w")  # noqa: SIM115 - closed in stop()
+        env = registry_env(self.store, "serve", LORAFLOW_HOME=str(tmp / "home"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraflow.cli", "serve", "srv@champion", "--port", str(self.port),
+             "--poll-interval", str(POLL_S)], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        if not wait_for(self.healthy, timeout=180, step=0.25):
+            self.stop()
+            pytest.fail(f"the server never became healthy:\n{(tmp / 'serve.log').read_text()[-3000:]}")
+
+    def healthy(self) -> bool:
+        import httpx
+
+        if self.proc.poll() is not None:
+            return False
+        try:
+            return self.http.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def adapter(self) -> dict:
+        return self.http.get("/v1/adapter").json()
+
+    def complete(self, **body):
+        return self.http.post("/v1/completions", json={"prompt": "The movie was", "max_tokens": 4,
+                                                       "temperature": 0, **body})
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.http.close()
+        self.log.close()
+        self.store.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, tiny_adapter_dir):
+    service = Served(tmp_path_factory.mktemp("serve"), tiny_model_dir, tiny_adapter_dir)
+    yield service
+    service.stop()
+
+
+def test_endpoints_describe_the_served_version(served):
+    r = served.complete(prompt="I loved this film because", max_tokens=5)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == f"srv=={served.v1}" and body["object"] == "text_completion"
+    assert len(body["choices"]) == 1 and 1 <= body["usage"]["completion_tokens"] <= 5
+    assert body["choices"][0]["finish_reason"] in ("length", "stop")
+
+    info = served.adapter()
+    assert (info["name"], info["alias"], info["version"]) == ("srv", "champion", served.v1)
+    assert info["base_model"]["id"] and info["loaded_at"] and info["last_swap_error"] is None
+    assert info["last_canary"]["ok"] and info["last_canary"]["recorded_ppl"] > 0
+    models = served.http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [f"srv=={served.v1}"]
+
+    metrics = served.http.get("/metrics").text
+    assert f'loraflow_serve_adapter_info{{alias="champion",name="srv",version="{served.v1}"}} 1.0' in metrics
+    assert 'loraflow_serve_requests_total{status="200"}' in metrics
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"max_tokens": 4}, "prompt: Field required"),
+    ({"prompt": "hi", "max_tokens": -1}, "max_tokens: Input should be greater than or equal to 1"),
+    ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens: 1000000 exceeds this server's limit of 512"),
+    ({"prompt": ""}, "prompt: String should have at least 1 character"),
+    ({"prompt": 42}, "prompt: Input should be a valid string"),
+    ({"prompt": "hi", "temperature": 7}, "temperature: Input should be less than or equal to 2"),
+    ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop: Value error, at most 4 stop sequences"),
+    ({"prompt": "hi", "stream": True}, "stream: Input should be False"),
+    ({"prompt": "hi", "best_of": 3}, "best_of: Extra inputs are not permitted"),
+    (["hi"], "request body must be a JSON object"),
+    (b"{not json", "request body is not valid JSON"),
+])
+def test_bad_requests_get_400_naming_the_field(served, body, message):
+    if isinstance(body, bytes):
+        r = served.http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    else:
+        r = served.http.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"] == message and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+def test_too_long_for_the_context_and_unknown_paths(served):
+    r = served.complete(prompt="word " * 1030, max_tokens=8)
+    assert r.status_code == 400 and "exceeds the model's context of 1024 tokens" in r.json()["error"]["message"]
+    assert served.http.get("/v2/nothing").status_code == 404
+    assert served.complete().status_code == 200  # none of that hurt the server
+
+
+def test_swap_under_concurrent_load_fails_no_request(served):
+    from loraflow.registry import set_alias
+
+    results: dict[int, list[tuple[int, str | None]]] = {i: [] for i in range(4)}
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        import httpx
+
+        with httpx.Client(base_url=served.url, timeout=60) as http:
+            while not stop.is_set():
+                try:
+                    r = http.post("/v1/completions", json={"prompt": f"Review {i}: the plot", "max_tokens": 6,
+                                                           "temperature": 0.8, "top_p": 0.9})
+                    results[i].append((r.status_code, r.json().get("model")))
+                except httpx.HTTPError as exc:  # a dropped connection is a failed request too
+                    results[i].append((0, repr(exc)))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_for(lambda: all(len(r) >= 3 for r in results.values()))
+        set_alias(served.settings, "srv", "champion", served.v2)
+        new = f"srv=={served.v2}"
+        assert wait_for(lambda: all(sum(m == new for _, m in r) >= 3 for r in results.values()), timeout=90)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+
+    answers = [a for r in results.values() for a in r]
+    assert [a for a in answers if a[0] != 200] == []
+    old = f"srv=={served.v1}"
+    assert {m for _, m in answers} == {old, new}
+    for r in results.values():
+        models = [m for _, m in r]
+        first_new = models.index(new)
+        assert old not in models[first_new:]  # once switched, a client never goes back
+    info = served.adapter()
+    assert info["version"] == served.v2 and info["swaps"] == 1 and info["last_swap"]["from"] == served.v1
+    assert wait_for(lambda: served.adapter()["loaded_versions"] == [served.v2])  # the old one unloaded
+
+
+@pytest.mark.parametrize(("bad", "reason"), [("v_nan", "non-finite logits"), ("v_wild", "perplexity")])
+def test_failed_canary_keeps_the_current_version(served, bad, reason):
+    from loraflow.registry import set_alias
+
+    current = served.adapter()["version"]
+    bad_version = getattr(served, bad)
+    set_alias(served.settings, "srv", "champion", bad_version)
+    assert wait_for(lambda: (served.adapter()["last_swap_error"] or {}).get("version") == bad_version)
+    info = served.adapter()
+    assert reason in info["last_swap_error"]["error"] and info["last_swap_error"]["result"] == "canary_failed"
+    assert info["version"] == current and info["loaded_versions"] == [current]
+    r = served.complete()
+    assert r.status_code == 200 and r.json()["model"] == f"srv=={current}"
+    metrics = served.http.get("/metrics").text
+    assert 'loraflow_serve_swaps_total{result="canary_failed"}' in metrics
+    log = (served.tmp / "serve.log").read_text()
+    assert f"not serving srv=={bad_version}: canary failed" in log
+
+
+def test_store_outage_keeps_serving_and_a_rollback_after_it_is_served(served):
+    from loraflow.demo.s3server import LocalS3Server
+    from loraflow.registry import set_alias
+
+    current = served.adapter()["version"]
+    served.store.stop()
+    try:
+        assert wait_for(lambda: served.adapter()["storage_error"] is not None, timeout=60)
+        assert "cannot reach the storage endpoint" in served.adapter()["storage_error"]
+        for _ in range(3):
+            r = served.complete()
+            assert r.status_code == 200 and r.json()["model"] == f"srv=={current}"
+        assert served.http.get("/health").status_code == 200
+    finally:
+        served.store = LocalS3Server(served.tmp / "s3", served.addr, buckets=("serve",), **served.keys).start()
+    set_alias(served.settings, "srv", "champion", served.v1)  # rollback
+    # The error clears once the poll that found the move has finished (after the swap).
+    assert wait_for(lambda: served.adapter()["version"] == served.v1 and served.adapter()["storage_error"] is None,
+                    timeout=60)
+    assert served.complete().json()["model"] == f"srv=={served.v1}"
+    log = (served.tmp / "serve.log").read_text()
+    assert log.count("cannot reach the storage endpoint") == 1  # one line for the whole outage
