@@ -7,7 +7,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench up down clean
+.PHONY: venv demo test bench up down clean serve
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,14 @@ up: venv
 
 down:
 	deployments/down.sh
+
+# The reference service next to `make up`'s stack: follows SERVE_REF and hot-swaps on every move
+# (docs/serving.md). Ctrl-C stops it.
+SERVE_REF ?= smollm2-imdb@champion
+SERVE_PORT ?= 8000
+serve: venv
+	@test -f .loraflow/run/env || { echo "make serve: no .loraflow/run/env; run make up first" >&2; exit 1; }
+	source .loraflow/run/env && $(LORAFLOW) serve $(SERVE_REF) --port $(SERVE_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache lora-dialogpt runs .loraflow
