@@ -165,8 +165,11 @@ def generation_health(samples: list[dict[str, Any]], n: int = 4) -> dict[str, fl
 
 
 def general_rows(settings: Settings, tokenizer):
-    """The forgetting check's documents: the eval split of `eval.general_source`, tokenised and
-    packed like the training data (None when the check is off)."""
+    """The forgetting check's documents: every document of `eval.general_source` (all its splits;
+    nothing of it is trained on), a seeded sample of `eval.max_general_samples`, tokenised and
+    packed like the training data. None when the check is off."""
+    import datasets
+
     from loraflow.data.packing import layout_rows, tokenize_documents
     from loraflow.data.sources import load_records
 
@@ -174,10 +177,14 @@ def general_rows(settings: Settings, tokenizer):
     if not source:
         return None
     data = settings.data.model_copy(update={"source": source, "text_column": settings.eval.general_text_column,
-                                            "max_eval_samples": settings.eval.max_general_samples,
-                                            "max_train_samples": None, "config_name": None, "revision": None})
+                                            "max_eval_samples": None, "max_train_samples": None,
+                                            "config_name": None, "revision": None, "eval_size": 0.5})
     records = load_records(data, settings.storage, seed=settings.training.seed)
-    docs = tokenize_documents(records["eval"], tokenizer)
+    texts = datasets.concatenate_datasets([records["train"], records["eval"]])
+    limit = settings.eval.max_general_samples
+    if limit is not None and len(texts) > limit:
+        texts = texts.shuffle(seed=settings.training.seed).select(range(limit))
+    docs = tokenize_documents(texts, tokenizer)
     if len(docs) == 0:
         raise ModelError(f"eval.general_source={source!r}: no documents to evaluate")
     return layout_rows(docs, data.max_length, True)
