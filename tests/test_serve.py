@@ -293,3 +293,25 @@ def test_store_outage_keeps_serving_and_a_rollback_after_it_is_served(served):
     assert served.complete().json()["model"] == f"srv=={served.v1}"
     log = (served.tmp / "serve.log").read_text()
     assert log.count("cannot reach the storage endpoint") == 1  # one line for the whole outage
+
+
+def test_model_lock_serves_requests_in_order_and_swap_work_first():
+    """Why a move is served after the generation running now rather than after the whole queue."""
+    from loraflow.serving.model import ModelLock
+
+    lock = ModelLock()
+    order: list[str] = []
+
+    def take(name: str, urgent: bool = False) -> None:
+        with lock.hold(urgent=urgent):
+            order.append(name)
+
+    threads = []
+    with lock.hold():  # a generation running now
+        for name, urgent in (("request-0", False), ("request-1", False), ("request-2", False), ("canary", True)):
+            threads.append(threading.Thread(target=take, args=(name, urgent)))
+            threads[-1].start()
+            assert wait_for(lambda n=len(threads): lock.waiting == n, timeout=5)
+    for t in threads:
+        t.join(5)
+    assert order == ["canary", "request-0", "request-1", "request-2"]

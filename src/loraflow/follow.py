@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from loraflow.errors import ConfigError, LoraflowError
+from loraflow.errors import ConfigError, LoraflowError, StorageError
 from loraflow.log import get_logger
 
 log = get_logger("follow")
@@ -110,6 +110,8 @@ class Follower:
             manifest = json.loads((path / "manifest.json").read_text())
             try:
                 self.on_change(path, manifest)
+            except StorageError:
+                raise  # the consumer could not reach the store either: an outage, retried with backoff
             except Exception as exc:  # noqa: BLE001 - a consumer's failure must not stop the follower
                 self._failed.add(target)
                 log.error("%s: the consumer refused %s: %s", self.ref, target, exc)

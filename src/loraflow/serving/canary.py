@@ -2,8 +2,8 @@
 and its perplexity on a few held-back documents is not worse than the figure its manifest
 recorded at evaluation (`metrics.adapter_ppl`) by more than a tolerance.
 
-Each step takes the model lock on its own, so requests keep being answered between steps and a
-canary adds at most one short forward pass to any request's wait.
+The canary runs in one hold of the model lock, ahead of waiting requests (see serving.model): a
+request queued during a swap waits for it once (a short generation and a few forward passes).
 
 The built-in documents are short movie-review sentences (the seed's domain). Pass the held-back
 part of your own eval set (`--canary-docs FILE`) for a tighter check; the recorded figure was
@@ -87,34 +87,45 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
         return CanaryResult(entry.version, ok, reason, ppl, recorded, limit, sample,
                             round(time.monotonic() - started, 3))
 
-    def encode(text: str, limit_tokens: int | None = None):
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        if limit_tokens:
-            ids = ids[:, :limit_tokens]
-        return ids.to(holder.model.device)
+    # The tokenizer is used only under the model lock (see serving.service).
+    def encode(model, text: str):
+        return tok(text, return_tensors="pt")["input_ids"][:, :max_tokens_per_doc].to(model.device)
 
-    prompt = encode(PROMPT)
-    logits = holder.run(entry, lambda m: m(input_ids=prompt).logits)
-    if not torch.isfinite(logits).all():
-        return result(False, "non-finite logits on the canary prompt")
+    def finite_logits(model) -> bool:
+        return bool(torch.isfinite(model(input_ids=encode(model, PROMPT)).logits).all())
 
-    eos = tok.eos_token_id
-    out = holder.run(entry, lambda m: m.generate(
-        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GENERATE_TOKENS,
-        do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos))
-    new = out[0, prompt.shape[1]:]
-    if new.numel() == 0:
-        return result(False, f"generated nothing for the canary prompt {PROMPT!r}")
-    sample = tok.decode(new, skip_special_tokens=True)
+    def generate(model):
+        prompt = encode(model, PROMPT)
+        out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=GENERATE_TOKENS,
+                             do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        new = out[0, prompt.shape[1]:]
+        return int(new.numel()), tok.decode(new, skip_special_tokens=True)
 
-    nll, count = 0.0, 0
-    for doc in documents:
-        ids = encode(doc, max_tokens_per_doc)
+    def doc_nll(model, doc: str) -> tuple[float, int]:
+        ids = encode(model, doc)
         if ids.shape[1] < 2:
-            continue
-        loss = holder.run(entry, lambda m, ids=ids: m(input_ids=ids, labels=ids).loss)
-        nll += float(loss) * (ids.shape[1] - 1)
-        count += ids.shape[1] - 1
+            return 0.0, 0
+        return float(model(input_ids=ids, labels=ids).loss) * (ids.shape[1] - 1), ids.shape[1] - 1
+
+    def steps(model):
+        # One hold of the model lock for the whole canary (it goes ahead of waiting requests): the
+        # move is served sooner, and queued requests wait once, for about one short generation.
+        if not finite_logits(model):
+            return "non-finite logits on the canary prompt", None, 0.0, 0
+        generated, sample = generate(model)
+        if generated == 0:
+            return f"generated nothing for the canary prompt {PROMPT!r}", sample, 0.0, 0
+        nll, count = 0.0, 0
+        for doc in documents:
+            doc_sum, doc_count = doc_nll(model, doc)
+            nll += doc_sum
+            count += doc_count
+        return None, sample, nll, count
+
+    failure, sample, nll, count = holder.run(entry, steps)
+    if failure:
+        return result(False, failure, sample=sample)
     if count == 0:
         return result(False, "the canary documents hold no tokens", sample=sample)
     mean = nll / count

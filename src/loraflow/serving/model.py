@@ -1,12 +1,16 @@
-"""One base model with the adapter versions loaded on it (PEFT multi-adapter), and the bookkeeping
-that makes a swap safe: which version new requests go to, how many requests each version still
-has in flight, and unloading a retired version only when its last request has finished.
+"""One base model with the adapter versions loaded on it (PEFT multi-adapter), and the rules that
+make a swap safe.
 
-Every use of the model (a generation, a canary step, loading or unloading an adapter) holds
-`ModelHolder.lock`. PEFT's active adapter is a property of the whole model, so two generations
-with different adapters cannot overlap; on a CPU, where one generation already uses every core,
-serialising them costs nothing. Bookkeeping has its own small lock, so picking a version for a
-request never waits for a generation.
+Every use of the model (a generation, a canary, loading or unloading an adapter) holds the model
+lock. PEFT's active adapter is a property of the whole model, so two generations with different
+adapters cannot overlap; on a CPU, where one generation already uses every core, serialising them
+costs nothing. Requests take the lock in arrival order (FIFO); swap work (load, canary, unload)
+goes before every waiting request, so a move is served after at most the generation running now
+plus the canary, not after the whole queue.
+
+A request picks its version when its generation starts, under the lock: every generation that
+starts after a switch uses the new version, and the old version is unloaded (under the lock, so
+after the generation using it has finished) right after the switch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,41 @@ from loraflow.registry.manifest import now_iso
 log = get_logger("serving")
 
 
+class ModelLock:
+    """A lock whose waiters are served in arrival order, except `urgent` ones, which go first."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = False
+        self._urgent = 0
+        self._tickets = itertools.count()
+        self._next = 0
+        self.waiting = 0  # threads queued for the lock now
+
+    @contextmanager
+    def hold(self, *, urgent: bool = False) -> Iterator[None]:
+        with self._cond:
+            self.waiting += 1
+            if urgent:
+                self._urgent += 1
+                while self._held:
+                    self._cond.wait()
+                self._urgent -= 1
+            else:
+                ticket = next(self._tickets)
+                while self._held or self._urgent or ticket != self._next:
+                    self._cond.wait()
+                self._next += 1
+            self.waiting -= 1
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held = False
+                self._cond.notify_all()
+
+
 class NotReady(LoraflowError):
     """No version is loaded yet."""
 
@@ -37,8 +76,6 @@ class Loaded:
     manifest: dict = field(repr=False)
     path: Path
     loaded_at: str = field(default_factory=now_iso)
-    inflight: int = 0
-    retired: bool = False
     unloaded: bool = False
 
 
@@ -73,8 +110,8 @@ class ModelHolder:
     def __init__(self) -> None:
         self.model = None
         self.tokenizer = None
-        self.lock = threading.Lock()  # the model itself
-        self._books = threading.Lock()  # active / loaded / in-flight counts
+        self.lock = ModelLock()
+        self._books = threading.Lock()  # active / loaded
         self.active: Loaded | None = None
         self.loaded: dict[str, Loaded] = {}
         self._slots = itertools.count(1)
@@ -93,7 +130,7 @@ class ModelHolder:
         model.to(device).eval()
         tokenizer = base_tokenizer(manifest, settings)
         entry = Loaded("default", manifest["version"], manifest, Path(path))
-        with self.lock:
+        with self.lock.hold(urgent=True):
             self.model, self.tokenizer = model, tokenizer
         with self._books:
             self.loaded[entry.slot] = entry
@@ -102,65 +139,65 @@ class ModelHolder:
     def add(self, path: Path, manifest: dict) -> Loaded:
         """Load another version of the same base beside the ones loaded (gets no traffic yet)."""
         entry = Loaded(f"v{next(self._slots)}", manifest["version"], manifest, Path(path))
-        with self.lock:
+        with self.lock.hold(urgent=True):
             self.model.load_adapter(str(path), adapter_name=entry.slot)
             self.model.eval()
         with self._books:
             self.loaded[entry.slot] = entry
         return entry
 
-    # --- traffic -------------------------------------------------------------------------------
-    @contextmanager
-    def use(self) -> Iterator[Loaded]:
-        """The version this request goes to, counted as in flight until the block ends."""
-        with self._books:
-            entry = self.active
-            if entry is None:
-                raise NotReady("no adapter version loaded yet")
-            entry.inflight += 1
-        try:
-            yield entry
-        finally:
-            with self._books:
-                entry.inflight -= 1
-                drop = entry.retired and entry.inflight == 0 and not entry.unloaded
-            if drop:
-                self._unload(entry)
-
-    def run(self, entry: Loaded, fn: Callable[[Any], Any]) -> Any:
-        """`fn(model)` with `entry`'s adapter active, under the model lock, without gradients."""
+    # --- using ---------------------------------------------------------------------------------
+    def _call(self, entry: Loaded, fn: Callable[[Any], Any]) -> Any:
         import torch
 
-        with self.lock:
+        if self.model.active_adapter != entry.slot:
+            self.model.set_adapter(entry.slot)
+        with torch.inference_mode():
+            return fn(self.model)
+
+    def run(self, entry: Loaded, fn: Callable[[Any], Any]) -> Any:
+        """Swap work: `fn(model)` with `entry`'s adapter active, ahead of waiting requests."""
+        with self.lock.hold(urgent=True):
             if entry.unloaded:
                 raise ModelError(f"version {entry.version} was unloaded")
-            if self.model.active_adapter != entry.slot:
-                self.model.set_adapter(entry.slot)
-            with torch.inference_mode():
-                return fn(self.model)
+            return self._call(entry, fn)
+
+    def serve(self, fn: Callable[[Any], Any]) -> tuple[Loaded, Any]:
+        """A request: waits its turn, then runs `fn(model)` on the version active at that moment."""
+        if self.active is None:
+            raise NotReady("no adapter version loaded yet")
+        with self.lock.hold():
+            with self._books:
+                entry = self.active
+            if entry is None or self.model is None:
+                raise NotReady("no adapter version loaded yet")
+            return entry, self._call(entry, fn)
 
     def switch(self, entry: Loaded) -> Loaded | None:
-        """Send new requests to `entry`; the previous version is unloaded once idle. Returns it."""
+        """Send every generation that starts from now on to `entry`; unload the previous version
+        (after the generation running now, if it uses it). Returns the previous version."""
         with self._books:
             old, self.active = self.active, entry
-            drop = False
-            if old is not None and old is not entry:
-                old.retired = True
-                drop = old.inflight == 0 and not old.unloaded
-        if drop:
+        if old is not None and old is not entry:
             self._unload(old)
         return old
 
     def discard(self, entry: Loaded) -> None:
         """Unload a version that never got traffic (its canary failed)."""
-        with self._books:
-            entry.retired = True
-            drop = entry is not self.active and entry.inflight == 0 and not entry.unloaded
-        if drop:
+        if self.active is None:
+            # The first version failed: drop the whole model so the next one starts clean
+            # (PEFT cannot hold a model with its only adapter deleted).
+            with self.lock.hold(urgent=True):
+                self.model = self.tokenizer = None
+            with self._books:
+                self.loaded.clear()
+            entry.unloaded = True
+            return
+        if entry is not self.active:
             self._unload(entry)
 
     def _unload(self, entry: Loaded) -> None:
-        with self.lock:
+        with self.lock.hold(urgent=True):
             if entry.unloaded:
                 return
             active = self.active

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraflow.errors import ConfigError, LoraflowError, ModelError
+from loraflow.errors import ConfigError, LoraflowError, ModelError, StorageError
 from loraflow.log import get_logger
 from loraflow.registry.layout import parse_ref
 from loraflow.registry.manifest import now_iso
@@ -94,6 +94,11 @@ class Service:
                         raise ModelError(f"version {version} was trained on another base model than "
                                          f"{active.version}; restart the service to change base models")
                     entry = self.holder.add(path, manifest)
+            except StorageError as exc:
+                # An outage, not a verdict on the version: the follower retries it with backoff.
+                self.last_swap_error = {"version": version, "result": "load_failed", "error": str(exc),
+                                        "at": now_iso()}
+                raise
             except LoraflowError as exc:
                 self._refuse(version, "load_failed", str(exc))
             except Exception as exc:  # noqa: BLE001 - a broken adapter file must not stop the service
@@ -136,40 +141,45 @@ class Service:
         if max_tokens > self.options.max_tokens_limit:
             raise BadRequest(f"max_tokens: {max_tokens} exceeds this server's limit of "
                              f"{self.options.max_tokens_limit}")
-        with holder.use() as entry:
+
+        # Tokenizing happens under the model lock too: a fast tokenizer shared by threads can
+        # fail with "Already borrowed" when two calls reconfigure it at once.
+        def generate(model):
             tok = holder.tokenizer
             ids = tok(prompt, return_tensors="pt")["input_ids"]
             if ids.shape[1] == 0:
                 raise BadRequest("prompt: encodes to no tokens")
-            context = _context_length(holder.model)
+            context = _context_length(model)
             if context and ids.shape[1] + max_tokens > context:
                 raise BadRequest(f"prompt ({ids.shape[1]} tokens) + max_tokens ({max_tokens}) exceeds the "
                                  f"model's context of {context} tokens")
-            ids = ids.to(holder.model.device)
+            ids = ids.to(model.device)
             eos = tok.eos_token_id
-            kwargs = {"max_new_tokens": max_tokens, "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}
+            kwargs = {"max_new_tokens": max_tokens,
+                      "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if stop:
                 kwargs.update(stop_strings=stop, tokenizer=tok)
-            out = holder.run(entry, lambda m: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                                         **kwargs))
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             new = out[0, ids.shape[1]:]
-            text = tok.decode(new, skip_special_tokens=True)
-            finish = "length" if new.numel() >= max_tokens else "stop"
-            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-            self.metrics.tokens.inc(int(new.numel()))
-            return {
-                "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": f"{self.name}=={entry.version}",
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-                "usage": {"prompt_tokens": int(ids.shape[1]), "completion_tokens": int(new.numel()),
-                          "total_tokens": int(ids.shape[1] + new.numel())},
-            }
+            return int(ids.shape[1]), int(new.numel()), tok.decode(new, skip_special_tokens=True)
+
+        entry, (prompt_tokens, completion_tokens, text) = holder.serve(generate)
+        finish = "length" if completion_tokens >= max_tokens else "stop"
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        self.metrics.tokens.inc(completion_tokens)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+            "model": f"{self.name}=={entry.version}",
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }
 
     # --- describing ----------------------------------------------------------------------------
     def describe(self) -> dict:
