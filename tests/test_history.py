@@ -134,3 +134,57 @@ def test_retention_keeps_aliased_recent_and_recent_champions_readers_see_whole_v
 
     code, out, _ = cli("gc", "r", *args)  # idempotent
     assert out.splitlines()[0] == "deleted 0 version(s), kept 4"
+
+
+def _server_events(api_url: str, resource_id: str, want: int, timeout: float = 60) -> list[dict]:
+    """Events about one resource as the Prefect server stored them (it persists them in the background)."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = httpx.post(f"{api_url}/events/filter", json={
+            "filter": {"resource": {"id": [resource_id]}, "order": "ASC"}, "limit": 50}, timeout=10)
+        resp.raise_for_status()
+        found = resp.json()["events"]
+        if len(found) >= want or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_registry_changes_arrive_as_prefect_events(prefect_server, s3_settings, tiny_adapter_dir, cli, monkeypatch):
+    """`loraflow publish | promote | rollback` against a real Prefect server: one event each, on
+    resource loraflow.adapter.NAME, with the version and metrics in the payload."""
+    from loraflow import events
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    args = _args(s3_settings)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # no Prefect API: nothing sent, nothing breaks
+        assert not events.api_configured()
+        assert cli("publish", str(tiny_adapter_dir), "--name", "quiet", "--no-alias", *args)[0] == 0
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    assert events.api_configured()
+    versions = []
+    for _ in range(2):
+        code, out, err = cli("publish", str(tiny_adapter_dir), "--name", "ev", "--no-alias",
+                             "--extra", '{"note": "events test"}', *args)
+        assert code == 0, err
+        versions.append(out.split()[0].split("==")[1])
+    for version in versions:
+        assert cli("promote", "ev", version, "--alias", "champion", "--reason", "test", *args)[0] == 0
+    assert cli("rollback", "ev", *args)[0] == 0
+
+    got = _server_events(prefect_server.api_url, "loraflow.adapter.ev", want=5)
+    names = [e["event"] for e in got]
+    assert names == ["loraflow.adapter.published"] * 2 + ["loraflow.adapter.promoted"] * 2 + \
+        ["loraflow.adapter.rolled-back"], names
+    assert [e["payload"]["version"] for e in got] == [versions[0], versions[1], versions[0], versions[1], versions[0]]
+    rolled = got[-1]["payload"]
+    assert rolled["alias"] == "champion" and rolled["previous"] == versions[1]
+    assert rolled["reason"] == f"rollback from {versions[1]}" and isinstance(rolled["metrics"], dict)
+    assert got[2]["payload"]["reason"] == "test" and got[2]["resource"]["prefect.resource.name"] == "ev"
+    assert _server_events(prefect_server.api_url, "loraflow.adapter.quiet", want=1, timeout=2) == []
