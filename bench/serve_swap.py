@@ -135,6 +135,7 @@ def main() -> int:
                         return 1
                     time.sleep(0.5)
                 results = run_load(url, versions, settings, set_alias, args)
+                results["adapter"] = httpx.get(f"{url}/v1/adapter", timeout=30).json()
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -213,6 +214,11 @@ def report(results: dict, versions: list[str], label: str, args) -> None:
           f"target <= {args.poll_interval + 10:g} s)")
     if served_at:
         print(f"  per move: {', '.join(f'{s:.2f}' for s in served_at)} s; mean {statistics.mean(served_at):.2f} s")
+    info = results.get("adapter") or {}
+    if info.get("last_swap"):
+        print(f"last swap inside the service (load beside the current + canary + switch + unload old): {info['last_swap']['seconds']:.2f} s, "
+              f"of which canary {info['last_canary']['seconds']:.2f} s; swaps done {info['swaps']}, "
+              f"loaded versions now {len(info['loaded_versions'])}")
 
 
 if __name__ == "__main__":
