@@ -188,3 +188,25 @@ def test_registry_changes_arrive_as_prefect_events(prefect_server, s3_settings, 
     assert rolled["reason"] == f"rollback from {versions[1]}" and isinstance(rolled["metrics"], dict)
     assert got[2]["payload"]["reason"] == "test" and got[2]["resource"]["prefect.resource.name"] == "ev"
     assert _server_events(prefect_server.api_url, "loraflow.adapter.quiet", want=1, timeout=2) == []
+
+
+def test_readme_automation_example_runs(prefect_server, monkeypatch):
+    """The README's automation snippet, exactly as printed, against a real Prefect server."""
+    import asyncio
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("# loraflow: automation example")
+    code = readme[start:readme.index("```", start)]
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    exec(compile(code, "README.md", "exec"), {})
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_automations_by_name("loraflow: champion moved")
+
+    [automation] = asyncio.run(read())
+    assert automation.trigger.expect == {"loraflow.adapter.promoted", "loraflow.adapter.rolled-back"}
+    assert automation.actions[0].type == "send-notification"
