@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import sys
@@ -46,6 +47,13 @@ def cli(monkeypatch, capsys):
     from loraflow.cli import main
 
     def run(*argv: str):
+        # Libraries (datasets, transformers) bind their log handlers to the sys.stderr of the moment;
+        # in one pytest process that is an earlier test's closed capture. A real CLI process has one
+        # stderr for its life, so point stale handlers at the current one.
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                    handler.stream = sys.stderr  # not setStream: it flushes the closed one
         code = main(list(argv))
         out = capsys.readouterr()
         return code, out.out, out.err

@@ -113,7 +113,7 @@ def test_train_writes_adapter_the_seed_snippet_loads(tiny_settings, tiny_model_d
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="loraflow"):
         result = train_adapter(tiny_settings("training.max_steps=4"), output_dir=out, resume=True)
-    assert any("holds no checkpoint" in r.getMessage() for r in caplog.records)  # resume on empty dir
+    assert any("holds no complete checkpoint" in r.getMessage() for r in caplog.records)  # resume on empty dir
     assert result.global_step == 4 and result.adapter_dir == out / "adapter"
     assert result.train_tokens > 4 * 8 * 30  # 4 steps x 8 rows of up to 64 tokens, packed full
     assert result.tokens_per_s > 0 and result.final_loss == result.final_loss  # finite

@@ -281,16 +281,21 @@ def load_base_model(settings: Settings, precision: Precision | None = None):
     return model
 
 
-def model_max_positions(settings: Settings) -> int | None:
-    """The base model's context length from its config (no weights loaded), for data checks."""
+def load_config(settings: Settings):
+    """The base model's config (no weights loaded)."""
     from transformers import AutoConfig
 
     source = resolve_model_source(settings.model, settings.storage)
     try:
-        config = AutoConfig.from_pretrained(source, revision=settings.model.revision,
-                                            trust_remote_code=settings.model.trust_remote_code)
+        return AutoConfig.from_pretrained(source, revision=settings.model.revision,
+                                          trust_remote_code=settings.model.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load the config of model.name_or_path={settings.model.name_or_path!r}: {exc}") from None
+
+
+def model_max_positions(settings: Settings) -> int | None:
+    """The base model's context length from its config, for data checks."""
+    config = load_config(settings)
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:

@@ -41,8 +41,8 @@ PathSetting = Annotated[str, AfterValidator(expand_path_vars)]
 
 
 class _Section(BaseModel):
-    # A typo in a key must be an error, not a silently ignored setting.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # A typo in a key must be an error, not a silently ignored setting; inf/nan are never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSettings(_Section):
@@ -97,7 +97,10 @@ class TrainingSettings(_Section):
 
     learning_rate: float = Field(2e-4, ge=0)
     weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler_type: str = "linear"
+    # transformers' SchedulerType values (5.x), checked here so `config validate` catches a typo.
+    lr_scheduler_type: Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
+                               "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0)
     fp16: bool = Field(True, description="The seed's flag: use fp16 where no bf16 is available on a GPU.")
     bf16: bool = False

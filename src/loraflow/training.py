@@ -262,37 +262,94 @@ def is_main_process() -> bool:
     return PartialState().is_main_process
 
 
+def _steps_already_done(checkpoint: Path | None, settings: Settings) -> int | None:
+    """The checkpoint's step when it already reached `max_steps` (nothing left to train)."""
+    if checkpoint is None or settings.training.max_steps <= 0:
+        return None
+    step = int(checkpoint.name.rsplit("-", 1)[1])
+    return step if step >= settings.training.max_steps else None
+
+
+def _finish_from_checkpoint(settings, checkpoint: Path, step: int, out: Path, adapter_dir: Path, prepared,
+                            precision, main: bool) -> TrainResult:
+    """Resuming a finished run trains nothing more: the checkpoint's adapter is the result (Trainer
+    would otherwise run one extra step past max_steps)."""
+    from loraflow import modeling
+
+    log.info("%s already reached training.max_steps=%d: nothing left to train; its adapter is the result",
+             checkpoint, settings.training.max_steps)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
+    if main:
+        tmp_dir = out / f".{ADAPTER_SUBDIR}.partial"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            shutil.copy2(checkpoint / name, tmp_dir / name)
+        tmp_dir.replace(adapter_dir)
+    return TrainResult(
+        adapter_dir=adapter_dir, output_dir=out, global_step=step,
+        train_tokens=int(state.get("num_input_tokens_seen") or 0), train_time_s=0.0, tokens_per_s=0.0,
+        final_loss=float(losses[-1]) if losses else float("nan"), history_path=out / HISTORY_FILE,
+        loss_curve_path=out / LOSS_CURVE_FILE, resumed_from=str(checkpoint), precision=precision.name,
+        base_model=settings.model.name_or_path, base_model_revision=settings.model.revision,
+        base_model_identity=modeling.base_model_identity(settings) if main else {},
+        dataset_source=settings.data.source, dataset_fingerprint=prepared.fingerprint,
+    )
+
+
 def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, resume: bool = False,
                   prepared: PreparedDataset | None = None,
                   callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Train a LoRA adapter; returns where it is. Checkpoints go to `output_dir/checkpoint-N`,
     the final adapter to `output_dir/adapter` (the PEFT files)."""
-    from transformers import PrinterCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from loraflow import modeling
-    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.paths import ensure_dir
 
     out = resolve_output_dir(settings, output_dir)
+    created = not out.exists()
+    ensure_dir(out, "--output" if output_dir is not None else "training.output_dir")
+    try:
+        return _train(settings, out, resume=resume, prepared=prepared, callbacks=callbacks)
+    except BaseException:
+        # A failed run leaves nothing behind in a folder it made, unless it saved a checkpoint that
+        # --resume can continue from.
+        if created and out.is_dir() and not any(out.glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDataset | None,
+           callbacks: list[TrainerCallback] | None) -> TrainResult:
+    from transformers import PrinterCallback, set_seed
+
+    from loraflow import modeling
+    from loraflow import resume as resume_rules
+    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.memory import check_training_memory
+
     precision = modeling.resolve_precision(settings.training, settings.model)
     args = build_training_arguments(settings, out, precision)  # also sets up torch.distributed under torchrun
     main = args.process_index == 0
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    resume_from = None
-    if resume:
-        resume_from = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if resume_from:
-            log.info("resuming from %s", resume_from)
-        else:
-            log.info("resume requested but %s holds no checkpoint-N: starting fresh", out)
 
     tokenizer = modeling.load_tokenizer(settings)
     if prepared is None:
         with main_process_first():
             prepared = prepare_dataset(settings, tokenizer,
                                        model_max_positions=modeling.model_max_positions(settings))
+    check_training_memory(settings, precision, modeling.load_config(settings))
+
+    if settings.training.learning_rate == 0:
+        log.warning("training.learning_rate=0: the weights will not move; the adapter will equal the base model")
+    identity = resume_rules.run_identity(settings, prepared.fingerprint)
+    resume_from = None
+    if resume:
+        resume_from = resume_rules.choose_checkpoint(out, identity)
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+        else:
+            log.info("resume requested but %s holds no complete checkpoint of this run: starting fresh", out)
+    elif main:
+        resume_rules.clear_checkpoints(out)
 
     adapter_dir = out / ADAPTER_SUBDIR
     if main and adapter_dir.exists():
@@ -309,7 +366,8 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=prepared.train,
         data_collator=PackedCollator(modeling.pad_token_id(tokenizer)),
-        callbacks=[progress, *(callbacks or [])],
+        # The completeness marker first: callbacks after it (the storage upload) see whole checkpoints.
+        callbacks=[progress, resume_rules.marker_callback(identity), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLogger says it better
     log.info("training %s on %d rows (%s tokens), precision %s on %s, effective batch %d x %d x %d",
@@ -317,9 +375,13 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
              precision.name, precision.device, args.per_device_train_batch_size,
              args.gradient_accumulation_steps, args.world_size)
 
+    done = _steps_already_done(resume_from, settings)
+    if done is not None:
+        return _finish_from_checkpoint(settings, resume_from, done, out, adapter_dir, prepared, precision, main)
+
     t0 = time.perf_counter()
     tokens_before = trainer.state.num_input_tokens_seen
-    output = trainer.train(resume_from_checkpoint=resume_from)
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_time = time.perf_counter() - t0
     state = trainer.state
     # Progress callback saw the tokens restored from the checkpoint at on_train_begin.
@@ -331,7 +393,8 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
         train_tokens=int(state.num_input_tokens_seen), train_time_s=round(train_time, 3),
         tokens_per_s=round(session_tokens / train_time, 2) if train_time > 0 else 0.0,
         final_loss=final_loss, history_path=out / HISTORY_FILE, loss_curve_path=out / LOSS_CURVE_FILE,
-        session_tokens=int(session_tokens), resumed_from=resume_from, precision=precision.name,
+        session_tokens=int(session_tokens), resumed_from=str(resume_from) if resume_from else None,
+        precision=precision.name,
         trainable_params=modeling.trainable_parameters(model),
         base_model=settings.model.name_or_path, base_model_revision=settings.model.revision,
         base_model_identity=modeling.base_model_identity(settings) if main else {},

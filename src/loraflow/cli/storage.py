@@ -20,7 +20,7 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    from loraflow.paths import cache_dir
+    from loraflow.paths import cache_dir, ensure_dir
     from loraflow.demo.s3server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalS3Server
 
     settings = settings_from_args(args)
@@ -30,7 +30,7 @@ def _serve(args) -> int:
     access = os.environ.get("AWS_ACCESS_KEY_ID") or DEFAULT_ACCESS_KEY
     secret_set = bool(os.environ.get("AWS_SECRET_ACCESS_KEY"))
     secret = os.environ["AWS_SECRET_ACCESS_KEY"] if secret_set else DEFAULT_SECRET_KEY
-    root = args.root or str(cache_dir("s3"))
+    root = str(ensure_dir(args.root, "--root")) if args.root else str(cache_dir("s3"))
     server = LocalS3Server(root, args.addr, access, secret, buckets=(storage.bucket,))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

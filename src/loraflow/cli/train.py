@@ -12,8 +12,13 @@ def register(sub) -> None:
                            description="Runs unchanged under torchrun/accelerate launch (DDP).")
     add_settings_args(train)
     train.add_argument("--output", metavar="DIR", help="output directory (default: training.output_dir)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the latest checkpoint-N in the output directory (fresh start if none)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest complete checkpoint of this run in the output directory "
+                            "(refused if it was made with other data or settings; fresh start if there is none)")
+    start.add_argument("--fresh", action="store_true",
+                       help="start over: remove checkpoints of an earlier run in the output directory "
+                            "(also what a run without --resume does)")
     train.set_defaults(handler=_train)
 
     ev = sub.add_parser("eval", help="perplexity of base vs base + adapter on the eval split")

@@ -146,7 +146,7 @@ def _load_builder(builder: str, data_files: dict[str, list[str]], where: str, **
         named = files[0] if len(files) == 1 else f"{where} ({len(files)} files)"
         # datasets reports a split with zero rows (a header-only csv, an empty jsonl) this way.
         if isinstance(exc, ValueError) and "corresponds to no data" in str(exc) \
-                or type(exc).__name__ == "EmptyDatasetError":
+                or type(exc).__name__ == "EmptyDatasetError" or isinstance(cause, StopIteration):
             raise DataError(f"{named}: the dataset is empty (no rows)") from None
         raise DataError(f"cannot read {named} as {builder}: {type(cause).__name__}: {cause}") from None
     return loaded
@@ -238,6 +238,16 @@ def load_source(data: DataSettings, storage: StorageSettings) -> tuple[datasets.
 # Splits, cleaning, sampling
 # ---------------------------------------------------------------------------------------------
 
+def _check_decodes(column: datasets.Dataset, where: str, data: DataSettings) -> None:
+    """Reading values decodes them: a file that is not UTF-8 fails here, named, not in a traceback."""
+    try:
+        for start in range(0, len(column), 10_000):
+            column[start:start + 10_000]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: column {data.text_column!r} is not UTF-8 text ({exc.reason} at byte "
+                        f"{exc.start}); re-encode the file as UTF-8") from None
+
+
 def _text_only(ds: datasets.Dataset, data: DataSettings, where: str) -> datasets.Dataset:
     if len(ds) == 0:
         raise DataError(f"{where}: the dataset is empty (no rows)")
@@ -249,6 +259,12 @@ def _text_only(ds: datasets.Dataset, data: DataSettings, where: str) -> datasets
         column = column.rename_column(data.text_column, TEXT)
     clean = data.clean_html
     before = len(column)
+    _check_decodes(column, where, data)
+    sample = [v for v in column[:100][TEXT] if v is not None]
+    kinds = {type(v).__name__ for v in sample if not isinstance(v, str)}
+    if kinds and not any(isinstance(v, str) for v in sample):
+        raise DataError(f"{where}: column {data.text_column!r} (data.text_column) holds {', '.join(sorted(kinds))} "
+                        "values, not text")
     column = column.map(lambda batch: {TEXT: [clean_text(t if isinstance(t, str) else None, clean)
                                              for t in batch[TEXT]]},
                         batched=True, keep_in_memory=True, desc=None)

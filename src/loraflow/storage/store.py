@@ -34,6 +34,13 @@ def transfer_config():
                           max_concurrency=MAX_CONCURRENCY, use_threads=True, num_download_attempts=1)
 
 
+class _TornRead(StorageError):
+    """The object's body ended early: it was being rewritten while it was read."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"{key}: the object changed while it was read")
+
+
 def error_code(exc: Exception) -> str | None:
     from botocore.exceptions import ClientError
 
@@ -82,9 +89,13 @@ class Store:
     def get_bytes(self, key: str) -> tuple[bytes, str] | None:
         """(body, etag), or None when the object does not exist."""
         with self.errors(f"read s3://{self.bucket}/{key}"):
+            from botocore.exceptions import ResponseStreamingError
+
             try:
                 resp = self.client.get_object(Bucket=self.bucket, Key=key)
                 return resp["Body"].read(), resp.get("ETag", "")
+            except ResponseStreamingError:
+                raise _TornRead(key) from None
             except Exception as exc:
                 if _is_missing(exc):
                     return None
@@ -93,8 +104,12 @@ class Store:
     def get_json(self, key: str, attempts: int = 5) -> tuple[Any, str] | None:
         # Servers that write objects in place (rclone on a local directory truncates, then writes)
         # can serve a half-written small object for a moment; read again before calling it corrupt.
+        # (A body cut short while the object is rewritten is the same event seen from the socket.)
         for attempt in range(attempts):
-            got = self.get_bytes(key)
+            try:
+                got = self.get_bytes(key)
+            except _TornRead:
+                got = (b"", "")
             if got is None:
                 return None
             body, etag = got

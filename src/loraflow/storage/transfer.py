@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,6 +266,7 @@ def download_dir(store: Store, key_prefix: str, dest: str | os.PathLike, kind: K
         manifest = validate_manifest(manifest, kind, where)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
         entries = entries_of(manifest)
@@ -274,11 +276,58 @@ def download_dir(store: Store, key_prefix: str, dest: str | os.PathLike, kind: K
                            for e in entries]:
                 future.result()
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        _stamp(tmp)
         place_atomically(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+# A verified directory records what its files looked like when their sha256s were checked, so a
+# later reader can tell in a few stat calls whether anything was edited, added or removed since.
+_VERIFIED = ".loraflow-verified.json"
+STALE_PART_S = 3600
+
+
+def _snapshot(directory: Path) -> dict[str, list[int]]:
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if rel == _VERIFIED or path.is_dir():
+            continue
+        st = path.lstat()
+        out[rel] = [st.st_size, st.st_mtime_ns, int(path.is_symlink())]
+    return out
+
+
+def _stamp(directory: Path) -> None:
+    (directory / _VERIFIED).write_text(json.dumps(_snapshot(directory), sort_keys=True))
+
+
+def verified_copy(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a directory `download_dir` placed, if it is exactly as verified (same files,
+    sizes and modification times, no symlinks); None when it is missing or was touched since."""
+    directory = Path(directory)
+    try:
+        stamp = json.loads((directory / _VERIFIED).read_text())
+        if stamp != _snapshot(directory):
+            return None
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stale_parts(dest: Path) -> None:
+    """Temporary siblings of `dest` left by a process that was killed mid-download (an exception
+    removes its own): gone once they are older than any download could still be running."""
+    cutoff = time.time() - STALE_PART_S
+    for part in dest.parent.glob(f".{dest.name}.*.part"):
+        try:
+            if part.is_dir() and part.stat().st_mtime < cutoff:
+                shutil.rmtree(part, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def place_atomically(tmp: Path, dest: Path) -> None:
