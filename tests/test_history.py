@@ -210,3 +210,25 @@ def test_readme_automation_example_runs(prefect_server, monkeypatch):
     [automation] = asyncio.run(read())
     assert automation.trigger.expect == {"loraflow.adapter.promoted", "loraflow.adapter.rolled-back"}
     assert automation.actions[0].type == "send-notification"
+
+
+def test_versions_show_the_gate_verdict_and_intervals(s3_settings, tiny_adapter_dir, cli):
+    from loraflow.promotion import decide
+
+    tokens = [50, 80, 120, 60, 90, 70]
+    base = [4.0, 3.5, 4.2, 3.9, 4.4, 3.7]
+    decision = decide({"document_losses": [x - 0.2 for x in base], "base_document_losses": base,
+                       "document_tokens": tokens, "adapter_ppl": 40.0, "base_ppl": 50.0})
+    args = _args(s3_settings)
+    assert cli("publish", str(tiny_adapter_dir), "--name", "g", *args)[0] == 0  # from before the gate
+    code, _, err = cli("publish", str(tiny_adapter_dir), "--name", "g", "--extra",
+                       json.dumps({"gate": decision.to_dict()}), *args)
+    assert code == 0, err
+    code, out, _ = cli("versions", "g", *args)
+    header, old, new = out.splitlines()
+    assert "GATE" in header.split() and " - " in old
+    low, mid, high = decision.vs_base["ppl_ratio"]
+    assert f"promote vs base {mid:.3f} [{low:.3f},{high:.3f}] 6 docs" in new
+    rows = json.loads(cli("versions", "g", "--json", *args)[1])
+    assert rows[1]["gate"]["verdict"] == "promote" and rows[1]["gate"]["vs_base"]["documents"] == 6
+    assert rows[0]["gate"] is None
