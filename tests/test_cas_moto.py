@@ -151,3 +151,25 @@ def test_gc_aborts_multipart_uploads_older_than_the_grace_period(server):
     assert gc_adapter(settings, "mp", grace_seconds=0).aborted_uploads == 1
     assert not store.client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
 
+
+
+def test_two_publishers_leave_latest_on_the_newest_and_every_move_recorded(server, tmp_path):
+    from loraflow.registry import alias_history, get_alias, list_versions
+
+    kind, srv, bucket, settings = server
+    adapter = make_random_adapter_dir(tmp_path / "a", 0.05)
+    env = registry_env(srv, bucket)
+    procs = [subprocess.Popen([sys.executable, WORKER, "publish", str(adapter), "pub", "3"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    published = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        published += out.split()
+    assert sorted(published) == [r["version"] for r in list_versions(settings, "pub")]
+    assert get_alias(settings, "pub", "latest") == max(published)  # latest never moves backwards
+    history = alias_history(settings, "pub", "latest")
+    assert [e["seq"] for e in history] == list(range(len(history), 0, -1))  # no move lost or doubled
+    moves = [(e["from"], e["to"]) for e in reversed(history)]
+    assert all(a is None or a < b for a, b in moves) and moves[-1][1] == max(published)
+    assert all(b == moves[i + 1][0] for i, (_, b) in enumerate(moves[:-1]))  # one chain
