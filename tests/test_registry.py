@@ -76,7 +76,7 @@ def test_pull_verifies_caches_and_loads_with_peft(s3_server, s3_bucket, s3_setti
     cache = tmp_path / "cache"
     path = pull_adapter("imdb", settings=s3_settings, dest=cache)
     assert path == cache / "imdb" / pv.version
-    assert sorted(p.name for p in path.iterdir()) == [
+    assert sorted(p.name for p in path.iterdir() if not p.name.startswith(".")) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "manifest.json", "metrics.json"]
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_model_dir) and config["r"] == 4
