@@ -315,3 +315,16 @@ def test_model_lock_serves_requests_in_order_and_swap_work_first():
     for t in threads:
         t.join(5)
     assert order == ["canary", "request-0", "request-1", "request-2"]
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["serve", "srv"], "'srv': serve an alias, NAME@ALIAS"),
+    (["serve", "srv==20261129T000000.000Z-abcdef"], "serve an alias, NAME@ALIAS"),
+    (["serve", "srv@champion", "--port", "70000"], "--port 70000: expected 0-65535"),
+    (["serve", "srv@champion", "--poll-interval", "0"], "--poll-interval 0.0: must be positive"),
+    (["serve", "srv@champion", "--canary-docs", "/nonexistent/docs.txt"], "--canary-docs /nonexistent/docs.txt:"),
+    (["serve", "bad name@champion"], "invalid adapter name 'bad name'"),
+])
+def test_serve_usage_errors_are_one_line_exit_2(cli, argv, message):
+    code, _, stderr = cli(*argv)
+    assert code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, stderr
