@@ -33,7 +33,7 @@ def _variant(src: Path, dest: Path, *, scale: float = 1.0, noise: float = 0.0, s
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, imdb_data_dir):
-    """(settings, adapter dir, prepared data, tokenizer, its evaluation): 10 steps on the reviews, built once."""
+    """(settings, adapter dir, prepared data, tokenizer, its evaluation): 8 steps on the reviews, built once."""
     from fixtures_training import TINY_TRAINING
 
     from loraflow import modeling
@@ -46,7 +46,7 @@ def trained(tmp_path_factory, tiny_model_dir, imdb_data_dir):
     mp = pytest.MonkeyPatch()
     mp.setenv("LORAFLOW_HOME", str(home))
     settings = load_settings(overrides=[f"model.name_or_path={tiny_model_dir}", f"data.source={imdb_data_dir}",
-                                        *TINY_TRAINING, "data.max_eval_samples=16", "training.max_steps=10",
+                                        *TINY_TRAINING, "training.max_steps=8",
                                         "training.learning_rate=1e-2", "training.logging_steps=12",
                                         "eval.max_new_tokens=16"])
     adapter = train_adapter(settings, output_dir=home / "run").adapter_dir
@@ -66,7 +66,7 @@ def test_gate_promotes_a_clearly_better_adapter_and_refuses_one_within_noise(tra
     def evaluate(path, **kw):
         return evaluate_adapter(settings, path, prepared=prepared, tokenizer=tokenizer, **kw).to_dict()
 
-    assert len(candidate["document_losses"]) == len(candidate["document_tokens"]) >= 16
+    assert len(candidate["document_losses"]) == len(candidate["document_tokens"]) >= 12
     assert sum(candidate["document_tokens"]) == candidate["eval_tokens"]
     # Per-document losses are the eval loss, split: their token-weighted mean is the eval loss.
     weighted = sum(x * n for x, n in zip(candidate["document_losses"], candidate["document_tokens"]))
@@ -109,13 +109,13 @@ def test_generation_health_and_forgetting_check(trained, tmp_path):
     general = tmp_path / "general"
     general.mkdir()
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    paragraphs = [p for p in readme.split("\n\n") if len(p) > 200][:10]
+    paragraphs = [p for p in readme.split("\n\n") if len(p) > 200][:6]
     (general / "test.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     assert evaluation["general_adapter_ppl"] is None and evaluation["general_source"] is None  # off by default
 
     checked = settings.model_copy(update={"eval": settings.eval.model_copy(update={"general_source": str(general)})})
     result = evaluate_adapter(checked, adapter, prepared=prepared, tokenizer=tokenizer)
-    assert result.general_source == str(general) and result.general_tokens > 500
+    assert result.general_source == str(general) and result.general_tokens > 300
     assert math.isfinite(result.general_base_ppl) and math.isfinite(result.general_adapter_ppl)
     assert result.general_adapter_ppl != result.general_base_ppl
     gh = result.generation_health
@@ -125,7 +125,7 @@ def test_generation_health_and_forgetting_check(trained, tmp_path):
         assert 0 <= gh[who]["repeated_4gram_rate"] <= 1
 
     # Health and the forgetting check reach metrics.json and the model card; per-document losses do not.
-    release = write_release(adapter, tmp_path / "release", settings=checked, train={"global_step": 10},
+    release = write_release(adapter, tmp_path / "release", settings=checked, train={"global_step": 8},
                             evaluation=result.to_dict(), name="imdb-tiny")
     metrics = json.loads((release / "metrics.json").read_text())
     assert metrics["generation_health"] == gh and metrics["general_adapter_ppl"] == result.general_adapter_ppl

@@ -216,8 +216,11 @@ def _pull(args) -> int:
 
 
 def _gc(args) -> int:
+    from loraflow.errors import ConfigError
     from loraflow.registry import gc_adapter
 
+    if args.keep_champions is not None and args.keep_last is None:
+        raise ConfigError("--keep-champions only applies with --keep-last N")
     report = gc_adapter(settings_from_args(args), args.name, grace_seconds=args.grace, dry_run=args.dry_run,
                         keep_last=args.keep_last, keep_champions=args.keep_champions)
     verb = "would remove" if args.dry_run else "removed"
