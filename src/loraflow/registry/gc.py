@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from loraflow.errors import ConfigError
 from loraflow.log import get_logger
 from loraflow.registry.aliases import LEASE_S, list_aliases
 from loraflow.registry.catalog import complete_versions, open_registry
@@ -42,6 +43,8 @@ class GcReport:
 
 def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_run: bool = False,
                keep_last: int | None = None, keep_champions: int | None = None) -> GcReport:
+    if (keep_last is not None and keep_last < 0) or (keep_champions is not None and keep_champions < 0):
+        raise ConfigError("--keep-last and --keep-champions must be 0 or more")
     grace = settings.registry.gc_grace_seconds if grace_seconds is None else grace_seconds
     store, layout = open_registry(settings, name)
     store.check_bucket()
@@ -83,10 +86,6 @@ def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_r
 
 def _apply_retention(settings, store, layout, report: GcReport, keep_last: int, keep_champions: int | None,
                      dry_run: bool) -> None:
-    from loraflow.errors import ConfigError
-
-    if keep_last < 0 or (keep_champions is not None and keep_champions < 0):
-        raise ConfigError("--keep-last and --keep-champions must be 0 or more")
     champions = settings.registry.gc_keep_champions if keep_champions is None else keep_champions
     champion_alias = settings.registry.promote_alias
     versions = complete_versions(store, layout)
