@@ -175,6 +175,7 @@ def test_endpoints_describe_the_served_version(served):
     metrics = served.http.get("/metrics").text
     assert f'loraflow_serve_adapter_info{{alias="champion",name="srv",version="{served.v1}"}} 1.0' in metrics
     assert 'loraflow_serve_requests_total{status="200"}' in metrics
+    assert "loraflow_serve_queue_depth 0.0" in metrics
 
 
 @pytest.mark.parametrize(("body", "message"), [

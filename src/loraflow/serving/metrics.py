@@ -21,6 +21,8 @@ class Metrics:
         self.tokens = Counter("loraflow_serve_generated_tokens", "Tokens generated", registry=self.registry)
         self.version = Gauge("loraflow_serve_adapter_info", "1 for the adapter version new requests go to",
                              ["name", "alias", "version"], registry=self.registry)
+        self.queue = Gauge("loraflow_serve_queue_depth", "Requests and swap steps waiting for the model",
+                           registry=self.registry)
         self.swaps = Counter("loraflow_serve_swaps", "Alias moves handled, by result (ok, canary_failed, "
                              "load_failed)", ["result"], registry=self.registry)
 

@@ -63,6 +63,7 @@ class Service:
         self.documents = read_documents(self.options.canary_docs)
         self.holder = ModelHolder()
         self.metrics = Metrics()
+        self.metrics.queue.set_function(lambda: self.holder.lock.waiting)
         self.follower = Follower(f"{name}@{alias}", self.on_change, settings=settings,
                                  interval=self.options.interval, dest=self.options.dest)
         self.swaps = 0
