@@ -98,6 +98,8 @@ def test_retention_keeps_aliased_recent_and_recent_champions_readers_see_whole_v
     assert {line.split()[1] for line in out.splitlines() if line.startswith("  - ")} == {v[0], v[1], v[5]}
     assert f"  = {v[2]}  (held champion in its last 1 moves)" in out
     assert [r["version"] for r in list_versions(s3_settings, "r")] == v  # nothing deleted
+    code, out, _ = cli("gc", "r", "--dry-run", "--keep-last", "100", *_args(s3_settings))
+    assert out.splitlines()[0] == "would delete 0 version(s), kept 7"
 
     # For real, while another thread keeps pulling every listed version.
     stop, seen, refused = threading.Event(), set(), []

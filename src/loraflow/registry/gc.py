@@ -89,7 +89,8 @@ def _apply_retention(settings, store, layout, report: GcReport, keep_last: int, 
     champions = settings.registry.gc_keep_champions if keep_champions is None else keep_champions
     champion_alias = settings.registry.promote_alias
     versions = complete_versions(store, layout)
-    keep = {v: f"one of the newest {keep_last}" for v in versions[len(versions) - keep_last:]} if keep_last else {}
+    keep = {v: f"one of the newest {keep_last}" for v in versions[max(0, len(versions) - keep_last):]} \
+        if keep_last else {}
     recent = read_history(store, layout, champion_alias, champions) if champions else []
     for event in recent:
         for version in (event.get("to"), event.get("from")):
