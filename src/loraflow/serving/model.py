@@ -140,7 +140,14 @@ class ModelHolder:
         """Load another version of the same base beside the ones loaded (gets no traffic yet)."""
         entry = Loaded(f"v{next(self._slots)}", manifest["version"], manifest, Path(path))
         with self.lock.hold(urgent=True):
-            self.model.load_adapter(str(path), adapter_name=entry.slot)
+            try:
+                self.model.load_adapter(str(path), adapter_name=entry.slot)
+            except Exception:
+                # A half-injected adapter (e.g. a weights file that does not match its config)
+                # must not stay in the model the current version is serving from.
+                if entry.slot in getattr(self.model, "peft_config", {}):
+                    self.model.delete_adapter(entry.slot)
+                raise
             self.model.eval()
         with self._books:
             self.loaded[entry.slot] = entry
