@@ -107,6 +107,9 @@ class Served:
         self.v2 = publish(second)
         self.v_nan = publish(nan_adapter(adapter_dir, tmp / "adapter-nan"))
         self.v_wild = publish(overconfident_adapter(model_dir, tmp / "adapter-wild"))
+        broken = make_adapter_dir(tmp / "adapter-broken", model_dir, r=8, seed=4)
+        shutil.copy(adapter_dir / "adapter_config.json", broken / "adapter_config.json")  # says r=4
+        self.v_broken = publish(broken)
 
         import httpx
 
@@ -253,8 +256,12 @@ def test_swap_under_concurrent_load_fails_no_request(served):
     assert wait_for(lambda: served.adapter()["loaded_versions"] == [served.v2])  # the old one unloaded
 
 
-@pytest.mark.parametrize(("bad", "reason"), [("v_nan", "non-finite logits"), ("v_wild", "perplexity")])
-def test_failed_canary_keeps_the_current_version(served, bad, reason):
+@pytest.mark.parametrize(("bad", "reason", "result"), [
+    ("v_nan", "canary failed: non-finite logits", "canary_failed"),
+    ("v_wild", "canary failed: perplexity", "canary_failed"),
+    ("v_broken", "size mismatch", "load_failed"),  # weights of another rank than its config says
+])
+def test_failed_canary_or_load_keeps_the_current_version(served, bad, reason, result):
     from loraflow.registry import set_alias
 
     current = served.adapter()["version"]
@@ -262,14 +269,14 @@ def test_failed_canary_keeps_the_current_version(served, bad, reason):
     set_alias(served.settings, "srv", "champion", bad_version)
     assert wait_for(lambda: (served.adapter()["last_swap_error"] or {}).get("version") == bad_version)
     info = served.adapter()
-    assert reason in info["last_swap_error"]["error"] and info["last_swap_error"]["result"] == "canary_failed"
+    assert reason in info["last_swap_error"]["error"] and info["last_swap_error"]["result"] == result
     assert info["version"] == current and info["loaded_versions"] == [current]
     r = served.complete()
     assert r.status_code == 200 and r.json()["model"] == f"srv=={current}"
     metrics = served.http.get("/metrics").text
-    assert 'loraflow_serve_swaps_total{result="canary_failed"}' in metrics
+    assert f'loraflow_serve_swaps_total{{result="{result}"}}' in metrics
     log = (served.tmp / "serve.log").read_text()
-    assert f"not serving srv=={bad_version}: canary failed" in log
+    assert f"not serving srv=={bad_version}: " in log
 
 
 def test_store_outage_keeps_serving_and_a_rollback_after_it_is_served(served):
