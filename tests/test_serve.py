@@ -1,7 +1,7 @@
 """`loraflow serve NAME@ALIAS` as a real process on a real S3 server (rclone), driven by real HTTP
 clients: bad requests get 400 naming the field; an alias move under concurrent load is served
-with no failed request; adapters that fail the canary (NaN weights, a perplexity far above the
-recorded one) never get traffic; a store outage does not interrupt serving, and a rollback after
+with no failed request; versions that fail to load or fail the canary (NaN weights, a perplexity
+far above the recorded one) never get traffic; a store outage does not interrupt serving, and a rollback after
 it is picked up."""
 
 from __future__ import annotations
