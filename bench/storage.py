@@ -3,7 +3,8 @@
     .venv/bin/python bench/storage.py [--size-mb 100] [--rounds 3]
 
 Publishes and pulls a ~100 MB adapter (random LoRA weights, valid adapter_config.json) and moves
-the same safetensors file with plain boto3 `upload_file`/`download_file` (same TransferConfig),
+the same safetensors file with plain boto3 `upload_file`/`download_file` (s3transfer's default
+8 MiB x 10 parts; loraflow uploads the same way and downloads in 64 MiB x 4 ranges),
 alternating the two so the machine's drift hits both alike; reports the best of `rounds` for each
 (targets: publish and pull >= 0.9x raw throughput) and the latency of a cached pull (<= 100 ms).
 Publish includes what raw does not: sha256 of every file, ETag verification, manifest. Alias moves

@@ -41,6 +41,20 @@ class _TornRead(StorageError):
         super().__init__(f"{key}: the object changed while it was read")
 
 
+DOWNLOAD_PART_SIZE = 64 * MB
+
+
+def download_config():
+    """Downloads in 64 MiB ranges, 4 at a time. Measured against s3transfer's 8 MiB x 10 on the local
+    rclone server (2 cores, one run each, 2026-11-29): 670 MiB in 11.3 s against 62.5 s, 300 MiB in
+    0.56 s against 0.82 s, 100 MiB 0.22 s against 0.36 s; a single stream took 13.5 s at 670 MiB.
+    Fewer, larger range requests cost the server and the client less per byte."""
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=DOWNLOAD_PART_SIZE, multipart_chunksize=DOWNLOAD_PART_SIZE,
+                          max_concurrency=4, use_threads=True, num_download_attempts=1)
+
+
 def error_code(exc: Exception) -> str | None:
     from botocore.exceptions import ClientError
 
@@ -173,7 +187,7 @@ class Store:
     def download_file(self, key: str, path: Path) -> None:
         with self.errors(f"download s3://{self.bucket}/{key}"):
             try:
-                self.client.download_file(self.bucket, key, str(path), Config=transfer_config())
+                self.client.download_file(self.bucket, key, str(path), Config=download_config())
             except Exception as exc:
                 if _is_missing(exc):
                     raise StorageError(f"s3://{self.bucket}/{key}: object is missing") from None
