@@ -8,8 +8,10 @@ Precedence, lowest to highest: defaults < YAML file (``--config``) < environment
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -204,15 +206,70 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")
 
 
-def format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError, source_of: Callable[[tuple], str | None] | None = None) -> str:
+    """One line per bad field; `source_of(loc)` names where its value came from, when known."""
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown setting"
-        lines.append(f"{path}: {msg}")
+        source = source_of(tuple(e["loc"])) if source_of else None
+        lines.append(f"{path}: {msg}" + (f" (from {source})" if source else ""))
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def _holds(tree: Any, loc: tuple) -> bool:
+    """Whether a nested mapping supplies the value at `loc` (or a list/scalar above it)."""
+    node = tree
+    for part in loc:
+        if not isinstance(node, dict):
+            return True
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _env_source(loc: tuple) -> str | None:
+    """The LORAFLOW_* variable that sets `loc`: the field's own (LORAFLOW_LORA__R) or a section's
+    JSON (LORAFLOW_LORA='{"r": 0}'). pydantic-settings matches names case-insensitively."""
+    env = {k.upper(): (k, v) for k, v in os.environ.items() if k.upper().startswith("LORAFLOW_")}
+    for depth in range(len(loc), 0, -1):
+        name = "LORAFLOW_" + "__".join(str(p) for p in loc[:depth]).upper()
+        if name not in env:
+            continue
+        if depth == len(loc):
+            return f"environment variable {env[name][0]}"
+        try:
+            value = json.loads(env[name][1])
+        except ValueError:
+            continue
+        if _holds(value, loc[depth:]):
+            return f"environment variable {env[name][0]}"
+    return None
+
+
+def _source_finder(overrides: list[str], sections: dict[str, Any], yaml_path: Path | None,
+                   yaml_data: dict[str, Any]) -> Callable[[tuple], str | None]:
+    """Where a bad value came from, checked in precedence order (the highest source that sets it
+    is the one validated): --set, keyword arguments, the environment, the YAML file."""
+    def source_of(loc: tuple) -> str | None:
+        if not loc:
+            return None
+        for item in reversed(overrides):  # the last --set of a key wins
+            if _holds(_nest([item]), loc):
+                return f"--set {item}"
+        if _holds(sections, loc):
+            return f"keyword argument {loc[0]}="
+        env = _env_source(loc)
+        if env:
+            return env
+        if yaml_path is not None and _holds(yaml_data, loc):
+            return str(yaml_path)
+        return None
+
+    return source_of
 
 
 _YAML11_WORDS = {"yes", "no", "on", "off", "y", "n"}
@@ -250,6 +307,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[str] 
                   **sections: Any) -> Settings:
     """Resolve settings from every source; raise ConfigError naming each bad field."""
     path = None
+    data: dict[str, Any] = {}
     if config is not None:
         path = Path(config)
         if not path.is_file():
@@ -267,7 +325,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[str] 
     try:
         return Settings(**init)
     except ValidationError as err:
-        where = f" (from {path})" if path else ""
-        raise ConfigError(format_validation_error(err) + where) from None
+        source_of = _source_finder(overrides or [], sections, path, data)
+        raise ConfigError(format_validation_error(err, source_of)) from None
     finally:
         _yaml_file.reset(token)

@@ -35,7 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"loraflow.cli.{name}").register(sub)
+    _accept_verbose_everywhere(parser)
     return parser
+
+
+def subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand parser under `parser`, depth first (aliases counted once)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *subparsers(child)]
+    return found
+
+
+def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`loraflow pull x -v` as well as `loraflow -v pull x`. SUPPRESS as the default: a subcommand
+    that was not given -v must not overwrite the top-level flag with False."""
+    for child in subparsers(parser):
+        if "-v" not in child._option_string_actions:
+            child.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                               help="debug logs and tracebacks")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ def register(sub) -> None:
     csub = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = csub.add_parser("show", help="print the resolved settings (secrets masked)")
     add_settings_args(show)
-    show.add_argument("--format", choices=["yaml", "json"], default="yaml")
+    show.add_argument("--format", choices=["yaml", "json"], default="yaml", help="output format (default: yaml)")
     show.set_defaults(handler=_show)
     validate = csub.add_parser("validate", help="check a settings file; exit 2 naming each bad field")
     add_settings_args(validate)

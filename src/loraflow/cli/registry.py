@@ -10,7 +10,8 @@ from loraflow.cli import add_settings_args, settings_from_args
 
 def register(sub) -> None:
     publish = sub.add_parser("publish", help="upload an adapter directory as a new version")
-    publish.add_argument("adapter_dir", metavar="ADAPTER_DIR")
+    publish.add_argument("adapter_dir", metavar="ADAPTER_DIR",
+                         help="the adapter directory (adapter_config.json + safetensors)")
     publish.add_argument("--name", help="adapter name (default: registry.adapter_name)")
     publish.add_argument("--alias", dest="aliases", action="append", metavar="ALIAS",
                          help="alias to move to the new version (repeatable; default: registry.aliases)")
@@ -20,8 +21,8 @@ def register(sub) -> None:
     publish.set_defaults(handler=_publish)
 
     promote = sub.add_parser("promote", help="point an alias at a version (also how to roll back)")
-    promote.add_argument("name", metavar="NAME")
-    promote.add_argument("version", metavar="VERSION")
+    promote.add_argument("name", metavar="NAME", help="adapter name")
+    promote.add_argument("version", metavar="VERSION", help="the version the alias will point at")
     promote.add_argument("--alias", default=None, help="alias to move (default: registry.promote_alias)")
     promote.add_argument("--expect", metavar="VERSION",
                          help="only move it if it points at VERSION now ('none': only if it does not exist)")
@@ -30,14 +31,14 @@ def register(sub) -> None:
     promote.set_defaults(handler=_promote)
 
     history = sub.add_parser("history", help="every move of an alias, newest first")
-    history.add_argument("name", metavar="NAME")
+    history.add_argument("name", metavar="NAME", help="adapter name")
     history.add_argument("--alias", default=None, help="alias (default: registry.promote_alias)")
     history.add_argument("--json", action="store_true", help="machine-readable output")
     add_settings_args(history)
     history.set_defaults(handler=_history)
 
     rollback = sub.add_parser("rollback", help="move an alias back to its previous version (or --to VERSION)")
-    rollback.add_argument("name", metavar="NAME")
+    rollback.add_argument("name", metavar="NAME", help="adapter name")
     rollback.add_argument("--alias", default=None, help="alias (default: registry.promote_alias)")
     rollback.add_argument("--to", metavar="VERSION", help="the version to move it to (default: its previous one)")
     rollback.add_argument("--reason", default=None, help="why (recorded in the alias history)")
@@ -45,19 +46,19 @@ def register(sub) -> None:
     rollback.set_defaults(handler=_rollback)
 
     versions = sub.add_parser("versions", help="list the versions of an adapter with metrics and aliases")
-    versions.add_argument("name", metavar="NAME")
+    versions.add_argument("name", metavar="NAME", help="adapter name")
     versions.add_argument("--json", action="store_true", help="machine-readable output")
     add_settings_args(versions)
     versions.set_defaults(handler=_versions)
 
     pull = sub.add_parser("pull", help="download a verified adapter into the local cache")
-    pull.add_argument("ref", metavar="NAME[@ALIAS|==VERSION]")
+    pull.add_argument("ref", metavar="NAME[@ALIAS|==VERSION]", help="what to pull (NAME alone: NAME@latest)")
     pull.add_argument("--dest", metavar="DIR", help="cache root (default: LORAFLOW_HOME/adapters)")
     add_settings_args(pull)
     pull.set_defaults(handler=_pull)
 
     gc = sub.add_parser("gc", help="remove leftovers of failed publishes and, with --keep-last, old versions")
-    gc.add_argument("name", metavar="NAME")
+    gc.add_argument("name", metavar="NAME", help="adapter name")
     gc.add_argument("--grace", type=float, metavar="SECONDS",
                     help="only remove leftovers older than this (default: registry.gc_grace_seconds)")
     gc.add_argument("--keep-last", type=int, metavar="N",

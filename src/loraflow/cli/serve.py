@@ -8,9 +8,9 @@ from loraflow.cli import add_settings_args, settings_from_args
 
 def register(sub) -> None:
     serve = sub.add_parser("serve", help="serve NAME@ALIAS over HTTP (OpenAI completions), hot-swapping on moves")
-    serve.add_argument("ref", metavar="NAME@ALIAS")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("ref", metavar="NAME@ALIAS", help="the alias to follow")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument("--poll-interval", type=float, default=10.0, metavar="SECONDS",
                        help="how often the alias is checked (one HEAD request) (default: 10)")
     serve.add_argument("--canary-docs", metavar="FILE",
@@ -25,7 +25,7 @@ def register(sub) -> None:
     serve.set_defaults(handler=_serve)
 
     export = sub.add_parser("export", help="write base model + adapter merged, for engines without LoRA support")
-    export.add_argument("ref", metavar="NAME[@ALIAS|==VERSION]")
+    export.add_argument("ref", metavar="NAME[@ALIAS|==VERSION]", help="the adapter version to merge")
     export.add_argument("--merged", required=True, metavar="DIR", help="output directory (safetensors + tokenizer)")
     add_settings_args(export)
     export.set_defaults(handler=_export)
