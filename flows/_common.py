@@ -1,13 +1,17 @@
 """What both flows share: the seed defaults shown in the UI form, the storage location resolved on
-the worker, and the library's `loraflow` log lines in Prefect's UI."""
+the worker, the library's `loraflow` log lines in Prefect's UI, and watching a deployment run
+whose worker may die."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Any
 
 from loraflow.settings import Settings, StorageSettings
 
@@ -37,6 +41,44 @@ def current_run_key() -> str:
     from prefect.runtime import flow_run
 
     return str(flow_run.id or uuid.uuid4())
+
+
+def _last_heartbeat(client: Any, flow_run_id: Any) -> datetime | None:
+    from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
+
+    page = client.read_events(filter=EventFilter(event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+                                                 resource=EventResourceFilter(id=[f"prefect.flow-run.{flow_run_id}"])),
+                              limit=50)
+    return max((e.occurred for e in page.events), default=None)
+
+
+def submit_and_watch(deployment: str, parameters: dict[str, Any], heartbeat_timeout_s: float,
+                     poll_s: float = 5) -> tuple[Any, Any, bool]:
+    """Start a run of `deployment` (a subflow of the current run) and wait for its final state.
+
+    Returns (flow run, final state, lost): lost means its worker went away, i.e. Prefect marked it
+    Crashed, or it stayed Running longer than `heartbeat_timeout_s` past its last heartbeat (or its
+    start), in which case it is marked Crashed here so nothing waits on it any more."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Crashed
+
+    child = run_deployment(deployment, parameters=parameters, timeout=0)
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(child.id)
+            state = run.state
+            if state is not None and state.is_final():
+                return run, state, state.is_crashed()
+            if state is not None and state.is_running():
+                seen = [t for t in (_last_heartbeat(client, run.id), run.start_time, state.timestamp) if t]
+                silent = (datetime.now(timezone.utc) - max(seen)).total_seconds()
+                if silent > heartbeat_timeout_s:
+                    crashed = Crashed(message=f"no heartbeat for {silent:.0f} s (limit {heartbeat_timeout_s} s): "
+                                              "its worker is gone")
+                    client.set_flow_run_state(run.id, crashed, force=True)
+                    return run, crashed, True
+            time.sleep(poll_s)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,6 @@
-"""The `retrain` flow: prepare data -> train -> evaluate -> gate -> publish -> promote.
+"""The `retrain` flow: change check -> [train-adapter: prepare data -> train -> evaluate] -> gate ->
+publish -> promote. When data, base model and training settings are what the champion was trained
+on (loraflow.changes), the run ends early in a Completed state named Skipped and publishes nothing.
 
 One typed parameter, `settings` (loraflow's Settings; its defaults are the seed notebook's recipe),
 so the Prefect UI renders it as a form. The gate (loraflow.promotion, docs/gate.md) scores the
@@ -25,15 +27,15 @@ from loraflow.flows._common import (
 )
 from loraflow.flows.train_adapter import train_adapter_flow
 from prefect import flow, get_run_logger
+from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from loraflow import events
 from loraflow.errors import LoraflowError, TrainingError
 from loraflow.promotion import GateDecision, decide
 from loraflow.settings import Settings
-from loraflow.tasks.evaluate import evaluate_task
-from loraflow.tasks.prepare import prepare_dataset_task
-from loraflow.tasks.promote import evaluate_champion_task, promote_task, pull_version_task, read_champion_task
+from loraflow.tasks.change import change_check_task
+from loraflow.tasks.promote import promote_task
 from loraflow.tasks.publish import publish_task
 from loraflow.tasks.train import fetch_staged_task
 
@@ -44,37 +46,44 @@ def _artifact_key(name: str, what: str) -> str:
 
 
 def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
-    """Run training as a flow run of the `train-adapter` deployment (e.g. on the GPU pool) and fetch
-    the adapter it staged in object storage."""
-    from prefect.deployments import run_deployment
+    """Run the train-adapter flow as a flow run of its deployment (e.g. on the GPU pool) and fetch
+    the adapter and results it staged in object storage.
+
+    A worker that dies (killed, lost its machine) leaves its run Running with no heartbeat; after
+    `prefect.heartbeat_timeout_s` without one the run is marked Crashed and submitted again with the
+    same run key, so the new attempt resumes from the newest verified checkpoint in storage. At
+    most `prefect.train_attempts` submissions."""
+    from loraflow.flows._common import submit_and_watch
 
     deployment = settings.prefect.train_deployment
+    logger = get_run_logger()
     # Settings hold no secrets; the worker resolves the storage location and credentials itself.
-    child = run_deployment(deployment, parameters={"settings": settings.model_dump(mode="json"), "run_key": run_key},
-                           timeout=None, poll_interval=5)
-    if child.state is None or not child.state.is_completed():
-        state = child.state.type.value if child.state else "unknown"
-        raise TrainingError(f"training run {child.name!r} of deployment {deployment!r} ended {state}: "
-                            f"{child.state.message if child.state else ''}")
-    return fetch_staged_task(settings, run_key)
+    parameters = {"settings": settings.model_dump(mode="json"), "run_key": run_key}
+    attempts = settings.prefect.train_attempts
+    for attempt in range(1, attempts + 1):
+        child, state, lost = submit_and_watch(deployment, parameters, settings.prefect.heartbeat_timeout_s)
+        if state is not None and state.is_completed():
+            return fetch_staged_task(settings, run_key)
+        described = f"training run {child.name!r} of deployment {deployment!r} ended " \
+                    f"{state.type.value if state else 'unknown'}: {state.message if state else ''}"
+        if not lost or attempt == attempts:
+            raise TrainingError(described if not lost else f"{described} (attempt {attempt} of {attempts})")
+        logger.warning("%s; submitting it again with run key %s (attempt %d of %d), resuming from its newest "
+                       "stored checkpoint", described, run_key, attempt + 1, attempts)
+    raise AssertionError("unreachable")
 
 
-def measure_champion(settings: Settings) -> dict[str, Any]:
-    """The current champion scored on this run's eval documents: {"version", "evaluation" (None when
-    there is no champion or it could not be measured), "ppl", "remeasured"}."""
-    champion: dict[str, Any] = {"version": read_champion_task(settings), "evaluation": None, "ppl": None,
-                                "remeasured": False}
-    if champion["version"] is not None:
-        logger = get_run_logger()
-        logger.info("scoring champion %s on this run's eval documents", champion["version"])
-        try:
-            path = pull_version_task(settings, champion["version"])
-            champion["evaluation"] = evaluate_champion_task(settings, path)
-            champion["ppl"] = champion["evaluation"]["adapter_ppl"]
-            champion["remeasured"] = True
-        except LoraflowError as exc:
-            logger.warning("could not evaluate champion %s: %s", champion["version"], exc)
-    return champion
+def skipped(settings: Settings, check: dict[str, Any], elapsed: float) -> Any:
+    """A Completed state named Skipped: nothing changed since the champion was trained."""
+    name = settings.registry.adapter_name
+    message = f"skipped: nothing changed since {name}=={check['champion']}"
+    get_run_logger().info("%s (data, base model and training settings as recorded in its manifest; "
+                          "--force or registry.force retrains anyway)", message)
+    create_markdown_artifact(key=_artifact_key(name, "version"), markdown=f"# {name}: {message}\n",
+                             description=message)
+    return Completed(name="Skipped", message=message,
+                     data={"skipped": True, "message": message, "name": name, "champion": check["champion"],
+                           "timings": {"change check": elapsed}})
 
 
 def gate(settings: Settings, evaluation: dict[str, Any], champion: dict[str, Any]) -> GateDecision:
@@ -160,7 +169,7 @@ def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
         return _retrain(settings)
 
 
-def _retrain(settings: Settings) -> dict[str, Any]:
+def _retrain(settings: Settings) -> Any:
     logger = get_run_logger()
     started = time.perf_counter()
     settings = with_worker_environment(settings)
@@ -168,21 +177,24 @@ def _retrain(settings: Settings) -> dict[str, Any]:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    data = prepare_dataset_task(settings)
-    timings["preparation"] = time.perf_counter() - t
-    logger.info("dataset %s: %s", data["fingerprint"], "cache hit" if data["from_cache"] else "prepared")
+    check = change_check_task(settings)
+    timings["change check"] = time.perf_counter() - t
+    if check["unchanged"] and not settings.registry.force:
+        return skipped(settings, check, time.perf_counter() - started)
+    logger.info("retraining: %s", "registry.force is set" if settings.registry.force and check["unchanged"]
+                else "; ".join(check["changed"]))
 
+    # Data preparation, training, evaluation and the champion's re-measurement run where the
+    # accelerator is (the train-adapter flow); this flow keeps the gate and the publish.
     t = time.perf_counter()
-    train = train_remote(settings, run_key) if settings.prefect.train_deployment else \
+    trained = train_remote(settings, run_key) if settings.prefect.train_deployment else \
         train_adapter_flow(settings, run_key=run_key)
-    timings["training"] = time.perf_counter() - t
+    timings["training worker"] = time.perf_counter() - t
+    train = {k: v for k, v in trained.items() if k not in ("data", "evaluation", "champion")}
+    data, evaluation, champion = trained["data"], trained["evaluation"], trained["champion"]
+    timings.update({f"worker: {k}": v for k, v in (train.get("worker_timings") or {}).items()})
 
     t = time.perf_counter()
-    evaluation = evaluate_task(settings, train["adapter_dir"])
-    timings["evaluation"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    champion = measure_champion(settings)
     decision = gate(settings, evaluation, champion)
     timings["gate"] = time.perf_counter() - t
 
@@ -197,6 +209,7 @@ def _retrain(settings: Settings) -> dict[str, Any]:
         "flow_run_id": flow_run.id,
         "flow_run_name": flow_run.name,
         "gate": decision.to_dict(),
+        "inputs": check["stamp"],
     })
     timings["publishing"] = time.perf_counter() - t
     events.emit("published", published["name"], version=published["version"], metrics=metrics,

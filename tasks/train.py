@@ -1,4 +1,4 @@
-"""Train the adapter, resuming from the run's last checkpoint in object storage.
+"""Train the adapter, resuming from the run's last checkpoint in object storage, and stage it.
 
 Checkpoints are uploaded as Trainer saves them (loraflow.checkpoints), so this task never retries
 blindly: every attempt, on this worker or another one, first looks for the run's newest complete
@@ -21,6 +21,8 @@ from loraflow.tasks._retry import retry_transient
 
 STAGED = "final/"
 STAGED_LOGS = "final-logs/"
+# What the training worker measured, carried in the staged adapter's manifest to the CPU-side flow.
+STAGED_RESULTS = ("data", "evaluation", "champion")
 
 
 def run_dir(run_key: str) -> Path:
@@ -57,29 +59,44 @@ def sync_checkpoint(settings: Settings, run_key: str, out: Path) -> int:
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
 def train_task(settings: Settings, run_key: str) -> dict[str, Any]:
+    """Train in this process, or under torchrun with one process per device when
+    training.nproc_per_node resolves to more than one (loraflow.launch)."""
     from loraflow import checkpoints, training
+    from loraflow.launch import launch_training, resolve_nproc
 
     out = run_dir(run_key)
     sync_checkpoint(settings, run_key, out)
     local = _local_steps(out)
-    callbacks = []
-    if settings.training.save_strategy != "no":
-        callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key))
-    result = training.train_adapter(settings, output_dir=out, resume=bool(local), callbacks=callbacks)
-    info = {**result.to_dict(), "resumed_from_step": local[-1] if local else 0, "run_key": run_key}
+    nproc = resolve_nproc(settings.training.nproc_per_node)
+    if nproc > 1:
+        info = launch_training(settings, out, run_key, nproc, resume=bool(local))
+    else:
+        callbacks = []
+        if settings.training.save_strategy != "no":
+            callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key))
+        info = training.train_adapter(settings, output_dir=out, resume=bool(local), callbacks=callbacks).to_dict()
+    return {**info, "resumed_from_step": local[-1] if local else 0, "run_key": run_key, "nproc": nproc}
 
-    # Stage the adapter's PEFT files (and, apart, the loss history and curve) in storage, so the
-    # next steps can run on another machine than training (the GPU pool).
+
+@task(name="stage-adapter", cache_policy=NO_CACHE)
+def stage_task(settings: Settings, run_key: str, train: dict[str, Any], results: dict[str, Any]) -> str:
+    """Stage the adapter's PEFT files (and, apart, the loss history and curve) in storage with the
+    training and evaluation results in its manifest, so the CPU-side flow (gate, publish) can run on
+    another machine than training (the GPU pool)."""
+    from loraflow import checkpoints
+
+    out = run_dir(run_key)
     prefix = checkpoints.run_prefix(settings.storage, run_key)
-    checkpoints.upload_dir(settings.storage, result.adapter_dir, prefix + STAGED, kind="adapter", train=info)
+    checkpoints.upload_dir(settings.storage, Path(train["adapter_dir"]), prefix + STAGED, kind="adapter",
+                           train=train, **results)
     logs = out / "staged-logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
-    for path in (result.history_path, result.loss_curve_path):
-        if Path(path).is_file():
-            shutil.copy2(path, logs / Path(path).name)
+    for key in ("history_path", "loss_curve_path"):
+        if train.get(key) and Path(train[key]).is_file():
+            shutil.copy2(train[key], logs / Path(train[key]).name)
     checkpoints.upload_dir(settings.storage, logs, prefix + STAGED_LOGS, kind="logs")
-    return {**info, "adapter_dir": str(result.adapter_dir), "staged_uri": prefix + STAGED}
+    return prefix + STAGED
 
 
 @task(name="fetch-trained-adapter", cache_policy=NO_CACHE)
@@ -97,4 +114,5 @@ def fetch_staged_task(settings: Settings, run_key: str) -> dict[str, Any]:
         if info.get(key):
             local = dest / "staged-logs" / Path(info[key]).name
             info[key] = str(local) if local.is_file() else None
-    return {**info, "adapter_dir": str(dest / "staged"), "staged_uri": prefix + STAGED, "run_key": run_key}
+    results = {k: manifest.get(k) for k in STAGED_RESULTS}
+    return {**info, **results, "adapter_dir": str(dest / "staged"), "staged_uri": prefix + STAGED, "run_key": run_key}

@@ -1,0 +1,166 @@
+"""Orchestration that saves GPU time and scales: the cheap change check and the Skipped state,
+`--force`, training under torchrun through the flow (2 gloo processes on CPU), the Kubernetes job
+template against prefect-kubernetes' schema, the event trigger and `loraflow emit`, and gc of
+abandoned run checkpoints. Real Prefect server, real S3 (rclone), real training of a tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import pytest
+from fixtures_prefect import ROOT, tiny_flow_settings
+from fixtures_s3 import create_bucket, s3_settings_for
+
+
+def _flow_run(flow_run_id):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run_id)
+
+    return asyncio.run(read())
+
+
+def _logs(flow_run_ids, wanted: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids)))
+
+    for _ in range(20):  # logs are shipped in the background
+        logs = asyncio.run(read())
+        if any(wanted in log.message for log in logs):
+            break
+        time.sleep(0.5)
+    return logs
+
+
+# --- the cheap change check ---------------------------------------------------------------------
+
+def test_input_stamp_sees_an_object_replaced_at_the_same_size_and_names_changed_settings(s3_server, tmp_path):
+    from loraflow.changes import compare, input_stamp
+    from loraflow.storage.store import Store
+
+    bucket = create_bucket(s3_server, "chg-")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    settings = s3_settings_for(s3_server, bucket, data={"source": f"s3://{bucket}/data/"},
+                               model={"name_or_path": str(model)})
+    store = Store(settings.storage, bucket)
+    store.put_bytes("data/train.csv", b"text\nfirst review\n")
+    before = input_stamp(settings)
+    assert before["data"]["how"] == "s3-listing" and before["base_model"]["how"] == "file-stats"
+    assert compare(input_stamp(settings), before) == []
+
+    store.put_bytes("data/train.csv", b"text\nother review\n")  # same size, new ETag
+    changed = compare(input_stamp(settings), before)
+    assert changed == [f"data s3://{bucket}/data/: s3-listing differs"]
+
+    tweaked = settings.model_copy(update={"training": settings.training.model_copy(update={"learning_rate": 1e-3}),
+                                          "lora": settings.lora.model_copy(update={"r": 2})})
+    lines = compare(input_stamp(tweaked), input_stamp(settings))
+    assert lines == ["settings: lora.r, training.learning_rate"]
+    # Where checkpoints go or how many processes train does not change what is learned.
+    inert = settings.model_copy(update={"training": settings.training.model_copy(
+        update={"save_steps": 7, "nproc_per_node": 2, "output_dir": str(tmp_path / "elsewhere")})})
+    assert compare(input_stamp(inert), input_stamp(settings)) == []
+    # A champion published before stamps existed cannot be compared: retrain.
+    assert compare(before, None) == ["the champion's manifest records no input stamp"]
+    # A hub id that cannot be resolved offline cannot be told cheaply: retrain.
+    hub = settings.model_copy(update={"model": settings.model.model_copy(update={"name_or_path": "org/unknown-model"})})
+    assert any("cannot tell cheaply" in line for line in compare(input_stamp(hub), before))
+
+
+@pytest.mark.slow
+def test_unchanged_inputs_skip_force_retrains_changed_data_retrains(
+        prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home, tmp_path):
+    from loraflow.flows.retrain import retrain
+
+    from loraflow.registry import get_alias, list_versions, read_manifest
+
+    data = tmp_path / "reviews"
+    shutil.copytree(imdb_data_dir, data)
+    bucket = create_bucket(s3_server, "skip-")
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, data, max_steps=2, save_steps=2)
+    first = retrain(settings)
+    assert first["promoted"], first["reason"]
+    inputs = read_manifest(settings, "imdb-tiny", first["version"])["inputs"]
+    assert inputs["data"]["how"] == "file-stats" and inputs["settings"]["training"]["max_steps"] == 2
+
+    started = time.perf_counter()
+    state = retrain(settings, return_state=True)
+    skip_s = time.perf_counter() - started
+    assert state.is_completed() and state.name == "Skipped"
+    assert state.message == f"skipped: nothing changed since imdb-tiny=={first['version']}"
+    result = state.result()
+    assert result["skipped"] and result["champion"] == first["version"]
+    assert [v["version"] for v in list_versions(settings, "imdb-tiny")] == [first["version"]]
+    # The state is the one the server (and so the UI) shows for the run.
+    run = _flow_run(state.state_details.flow_run_id)
+    assert (run.state.type.value, run.state.name) == ("COMPLETED", "Skipped")
+    print(f"skipped run: {skip_s:.2f} s wall (in-process flow call against a running server)")
+
+    forced = retrain(settings.model_copy(update={"registry": settings.registry.model_copy(update={"force": True})}))
+    assert forced["version"] != first["version"]
+
+    # New data lands: one more review file next to the others; the stats listing changes.
+    extra = next(p for p in sorted(data.rglob("*")) if p.is_file())
+    shutil.copy2(extra, extra.with_name("landed-" + extra.name))
+    changed = retrain(settings)
+    assert changed.get("version") not in (None, first["version"], forced["version"])
+    assert len(list_versions(settings, "imdb-tiny")) == 3
+    assert get_alias(settings, "imdb-tiny", "champion") is not None
+
+
+# --- several processes per worker -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_train_adapter_flow_runs_two_gloo_processes_and_stages_one_adapter(
+        prefect_server, s3_server, tiny_model_dir, imdb_data_dir, flow_home):
+    from loraflow.flows.train_adapter import train_adapter_flow
+
+    from loraflow.storage.store import Store
+
+    bucket = create_bucket(s3_server, "ddp-")
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2, save_steps=2,
+                                  nproc_per_node=2)
+    state = train_adapter_flow(settings, run_key="ddp-run", return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["nproc"] == 2 and result["global_step"] == 2
+    # Both ranks' tokens are counted: 2 steps x 2 ranks x 4 rows of up to 64 tokens.
+    assert result["train_tokens"] > 2 * 2 * 4 * 40
+    assert result["evaluation"]["adapter_ppl"] > 0 and result["champion"]["version"] is None
+    keys = [o["Key"] for o in Store(settings.storage, bucket).list("checkpoints/ddp-run/")]
+    staged_configs = [k for k in keys if k.endswith("adapter_config.json") and "/checkpoint-" not in k]
+    assert staged_configs == ["checkpoints/ddp-run/final/adapter_config.json"]
+    assert "checkpoints/ddp-run/checkpoint-2/manifest.json" in keys
+    # Rank 0's progress reaches the run's logs in Prefect.
+    logs = _logs([state.state_details.flow_run_id], "launching 2 training processes")
+    messages = [log.message for log in logs if log.name.startswith("loraflow")]
+    assert any("launching 2 training processes" in m for m in messages)
+    assert any("step 2/2" in m or "step 2 " in m for m in messages), messages[-20:]
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_flow_with_its_error(prefect_server, s3_server, tiny_model_dir, imdb_data_dir,
+                                                     flow_home):
+    from loraflow.flows.train_adapter import train_adapter_flow
+
+    from loraflow.errors import TrainingError
+
+    bucket = create_bucket(s3_server, "ddpfail-")
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2, nproc_per_node=2)
+    settings = settings.model_copy(update={"lora": settings.lora.model_copy(update={"target_modules": ["no_such_layer"]})})
+    # A hang would show as the suite's timeout; the error must be the rank's own.
+    with pytest.raises(TrainingError, match=r"training failed on rank \d \(torchrun exit 1\): ValueError: .*no_such_layer"):
+        train_adapter_flow(settings, run_key="ddp-fail")
