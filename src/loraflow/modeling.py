@@ -8,13 +8,14 @@ dtype are right on a GPU and a trap on a CPU without native half-precision maths
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from loraflow.errors import IntegrityError, ModelError
-from loraflow.log import get_logger
+from loraflow.log import get_logger, log_once
 from loraflow.paths import cache_dir
 from loraflow.storage.client import is_s3_uri, parse_s3_uri
 
@@ -91,8 +92,9 @@ def resolve_precision(training: TrainingSettings, model_settings: ModelSettings,
     requested = _requested_description(training, model_settings)
     if device != "cuda":
         if requested:
-            log.warning("precision: settings request %s; using fp32 on %s (no native half-precision maths there)",
-                        requested, device)
+            # Training, evaluation and the gate each resolve precision: one warning per process.
+            log_once(log, logging.WARNING, "precision: settings request %s; using fp32 on %s (no native "
+                     "half-precision maths there)", requested, device)
         return Precision(device=device, name="fp32", model_dtype="float32")  # type: ignore[arg-type]
 
     if bf16_supported is None:
@@ -108,7 +110,7 @@ def resolve_precision(training: TrainingSettings, model_settings: ModelSettings,
         else:
             choice = "fp32"
     elif choice == "bf16" and not bf16_supported:
-        log.warning("precision: training.precision=bf16 but this GPU has no bf16; using fp16")
+        log_once(log, logging.WARNING, "precision: training.precision=bf16 but this GPU has no bf16; using fp16")
         choice = "fp16"
 
     dtype = model_settings.dtype
@@ -116,7 +118,8 @@ def resolve_precision(training: TrainingSettings, model_settings: ModelSettings,
         dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[choice]
     elif dtype == "bfloat16" and not bf16_supported:
         dtype = "float16" if choice == "fp16" else "float32"
-        log.warning("precision: model.dtype=bfloat16 but this GPU has no bf16; loading the base model in %s", dtype)
+        log_once(log, logging.WARNING, "precision: model.dtype=bfloat16 but this GPU has no bf16; loading the base "
+                 "model in %s", dtype)
     elif choice == "fp32" and dtype != "float32":
         # Half-precision weights without autocast would run the whole forward in half precision.
         dtype = "float32"
@@ -255,6 +258,24 @@ def pad_token_id(tokenizer) -> int:
     return int(pid)
 
 
+def attention_implementation(precision: Precision) -> str | None:
+    """The attention kernel for packed rows (per-document position ids, no attention mask).
+
+    On CUDA in half precision, FlashAttention-2 when the `flash_attn` package is installed:
+    transformers turns position-id restarts into `cu_seqlens` and runs its varlen kernel, so each
+    document attends only to itself and no block mask is materialised. Otherwise SDPA, which gets the
+    block-diagonal causal mask transformers builds from the same position ids. None elsewhere:
+    the CPU keeps transformers' default path, the one the packed == per-document tests check."""
+    import importlib.util
+
+    if precision.device != "cuda":
+        return None
+    if precision.name in ("bf16", "fp16") and precision.model_dtype in ("bfloat16", "float16") \
+            and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_base_model(settings: Settings, precision: Precision | None = None):
     """The frozen base model in `precision.model_dtype`, on the CPU.
 
@@ -264,15 +285,32 @@ def load_base_model(settings: Settings, precision: Precision | None = None):
     from transformers import AutoModelForCausalLM
 
     precision = precision or resolve_precision(settings.training, settings.model)
+    # A long wait (a download from s3://, then reading and converting the weights): say so first.
+    log.info("loading base model %s (%s)", settings.model.name_or_path, precision.model_dtype)
     source = resolve_model_source(settings.model, settings.storage)
     if settings.model.device_map not in (None, "", "auto"):
         log.info("model.device_map=%r is ignored for training: the Trainer places the model (DDP-safe)",
                  settings.model.device_map)
+    attn = attention_implementation(precision)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source, revision=settings.model.revision, trust_remote_code=settings.model.trust_remote_code,
-            dtype=precision.torch_dtype, use_safetensors=True,
-        )
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=settings.model.revision, trust_remote_code=settings.model.trust_remote_code,
+                dtype=precision.torch_dtype, use_safetensors=True,
+                **({"attn_implementation": attn} if attn else {}),
+            )
+        except (ImportError, ValueError) as exc:
+            if attn != "flash_attention_2":
+                raise
+            # An architecture without FlashAttention-2 support, or a flash_attn build that does not
+            # match this GPU/torch: SDPA gives the same results with the block mask.
+            log.info("flash_attention_2 unavailable for %s (%s): using sdpa", settings.model.name_or_path,
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            attn = "sdpa"
+            model = AutoModelForCausalLM.from_pretrained(
+                source, revision=settings.model.revision, trust_remote_code=settings.model.trust_remote_code,
+                dtype=precision.torch_dtype, use_safetensors=True, attn_implementation=attn,
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load model.name_or_path={settings.model.name_or_path!r} "
                          f"(only safetensors weights are accepted): {exc}") from None

@@ -11,6 +11,7 @@ batch (`num_items_in_batch`, gathered across ranks by `average_tokens_across_dev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -67,6 +68,23 @@ def resolve_output_dir(settings: Settings, output_dir: str | Path | None) -> Pat
     return Path(output_dir if output_dir is not None else settings.training.output_dir).expanduser().resolve()
 
 
+def data_path_arguments(num_workers: int, device: str) -> dict[str, Any]:
+    """How batches reach the device. On CUDA: page-locked host batches copied without blocking, so
+    the next copy overlaps the running step, and workers (if any) kept alive across epochs. On a
+    CPU there is nothing to copy to: the settings' plain values."""
+    if device != "cuda":
+        return {"dataloader_num_workers": num_workers}
+    return {
+        "dataloader_num_workers": num_workers,
+        "dataloader_pin_memory": True,
+        "accelerator_config": {"non_blocking": True},
+        # Rows are tokenised ahead (loraflow.data); collating is a few tensor copies, so workers are
+        # opt-in (training.dataloader_num_workers), and when on they survive the epoch boundary.
+        "dataloader_persistent_workers": num_workers > 0,
+        "dataloader_prefetch_factor": 4 if num_workers > 0 else None,
+    }
+
+
 def build_training_arguments(settings: Settings, output_dir: Path, precision: Precision) -> TrainingArguments:
     from transformers import TrainingArguments
 
@@ -100,7 +118,9 @@ def build_training_arguments(settings: Settings, output_dir: Path, precision: Pr
         save_total_limit=t.save_total_limit,
         save_only_model=False,  # keep optimizer, scheduler and RNG state: resume must be exact
         seed=t.seed,
-        dataloader_num_workers=t.dataloader_num_workers,
+        **data_path_arguments(t.dataloader_num_workers, precision.device),
+        # Its per-micro-batch isnan() check is a host sync; a non-finite loss stops the run anyway.
+        logging_nan_inf_filter=False,
         remove_unused_columns=False,  # rows carry position_ids, which the collator needs
         report_to=[],
         disable_tqdm=not sys.stderr.isatty(),
@@ -119,23 +139,73 @@ def _trainer_class():
     class _LoraflowTrainer(Trainer):
         """Adds two things to every micro-batch: a finite-loss check (a NaN/inf stops the run with
         TrainingError instead of writing a garbage adapter) and a count of trained label tokens.
-        Both are reduced across ranks in one collective so every rank stops at the same step."""
+
+        Both stay on the device between optimizer steps: reading them per micro-batch would make the
+        CPU wait for the GPU every time and starve its queue. They are read (and reduced across ranks
+        in one collective) only when the Trainer is about to log, save, evaluate or stop, i.e. at the
+        same step on every rank and always before a checkpoint or the adapter is written."""
+
+        _pending = None  # float64 [label tokens, non-finite losses, first bad step, its loss]
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            from loraflow.data import PackedCollator
+
+            attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            if attn == "flash_attention_2" and isinstance(self.data_collator, PackedCollator):
+                # FlashAttention's varlen kernel separates documents only in one flattened row with
+                # its boundaries given (see PackedCollator); the block mask of SDPA/eager needs none.
+                self.data_collator = dataclasses.replace(self.data_collator, flatten=True)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             labels = inputs.get("labels")
             loss = super().training_step(model, inputs, num_items_in_batch)
-            tokens = (labels != -100).sum() if labels is not None else torch.tensor(0)
-            stats = torch.stack([tokens.to(loss.device, torch.float64),
-                                 (~torch.isfinite(loss)).to(torch.float64)])
-            if self.args.world_size > 1:
-                stats = self.accelerator.reduce(stats, reduction="sum")
-            n_tokens, bad = stats.tolist()  # one host sync per micro-batch; cheap next to a step
-            if bad:
-                raise TrainingError(
-                    f"non-finite training loss ({loss.item()}) at step {self.state.global_step + 1} "
-                    f"(training.learning_rate={self.args.learning_rate}); no adapter was written")
-            self.state.num_input_tokens_seen += int(n_tokens)
+            detached = loss.detach()
+            if self._pending is None:
+                self._pending = torch.tensor([0.0, 0.0, math.inf, 0.0], dtype=torch.float64,
+                                             device=detached.device)
+            pending = self._pending
+            if labels is not None:
+                pending[0] += (labels != -100).sum().to(pending.device, torch.float64)
+            bad = ~torch.isfinite(detached)
+            first = bad & torch.isinf(pending[2])
+            pending[1] += bad.to(torch.float64)
+            step = torch.tensor(float(self.state.global_step + 1), dtype=torch.float64, device=pending.device)
+            pending[2] = torch.where(first, step, pending[2])
+            pending[3] = torch.where(first, detached.to(torch.float64), pending[3])
             return loss
+
+        def _flush_step_stats(self) -> None:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return
+            counts = pending[:2]
+            if self.args.world_size > 1:
+                counts = self.accelerator.reduce(counts.clone(), reduction="sum")
+            n_tokens, bad = counts.tolist()
+            self.state.num_input_tokens_seen += int(n_tokens)
+            if bad:
+                step, value = pending[2:].tolist()
+                where = (f"({value}) at step {int(step)}" if math.isfinite(step)
+                         else f"on another rank by step {self.state.global_step}")
+                raise TrainingError(
+                    f"non-finite training loss {where} "
+                    f"(training.learning_rate={self.args.learning_rate}); no adapter was written")
+
+        def _maybe_log_save_evaluate(self, *args, **kwargs):
+            # Runs after every optimizer step with the Trainer's decisions already made; the flags and
+            # global_step are the same on every rank, so every rank joins the same reductions.
+            c = self.control
+            if c.should_log or c.should_save or c.should_evaluate or c.should_training_stop \
+                    or c.should_epoch_stop or self.state.global_step >= self.state.max_steps:
+                self._flush_step_stats()
+            return super()._maybe_log_save_evaluate(*args, **kwargs)
+
+        def train(self, *args, **kwargs):
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._pending = None  # an interrupted run leaves nothing half-counted for the next
 
     return _LoraflowTrainer
 

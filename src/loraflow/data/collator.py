@@ -24,14 +24,24 @@ FORWARD_KWARGS: dict[str, Any] = {"use_cache": False}
 
 @dataclass
 class PackedCollator:
+    """`flatten=True` is for FlashAttention-2's varlen kernel: the rows are concatenated into one
+    row of shape [1, total tokens] with no padding at all, plus the document boundaries
+    (`cu_seq_lens_q/k`, int32, and `max_length_q/k`, Python ints) computed here on the host, so the
+    kernel needs no device-side search for position-id restarts (a host sync in every layer)
+    and transformers' FlashAttention path does not silently fall back to plain causal attention
+    across documents, which it does for position ids of a batch wider than one row."""
+
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    flatten: bool = False
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         import torch
 
         if not rows:
             raise ValueError("PackedCollator got an empty batch")
+        if self.flatten:
+            return self._flattened(rows)
         longest = max(len(r["input_ids"]) for r in rows)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
@@ -56,3 +66,19 @@ class PackedCollator:
             row_labels[pos == 0] = IGNORE_INDEX
             labels[i, :n] = row_labels
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+
+    def _flattened(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        ids = torch.cat([torch.as_tensor(r["input_ids"], dtype=torch.long) for r in rows])
+        pos = torch.cat([torch.as_tensor(r["position_ids"], dtype=torch.long) if "position_ids" in r
+                         else torch.arange(len(r["input_ids"]), dtype=torch.long) for r in rows])
+        labels = ids.clone()
+        labels[pos == 0] = IGNORE_INDEX  # as above; also keeps a row's first token off the previous row
+        starts = torch.nonzero(pos == 0).flatten()
+        bounds = torch.cat([starts, torch.tensor([ids.numel()])])
+        cu_seq_lens = bounds.to(torch.int32)
+        max_length = int((bounds[1:] - bounds[:-1]).max())
+        return {"input_ids": ids[None], "position_ids": pos[None], "labels": labels[None],
+                "cu_seq_lens_q": cu_seq_lens, "cu_seq_lens_k": cu_seq_lens,
+                "max_length_q": max_length, "max_length_k": max_length}
