@@ -120,6 +120,16 @@ class TrainingSettings(_Section):
     save_total_limit: int | None = Field(2, gt=0)
     seed: int = 42
     dataloader_num_workers: int = Field(0, ge=0)
+    nproc_per_node: Literal["auto"] | int = Field(
+        "auto", description=("Training processes on the worker (torchrun, one per device): auto = the number of "
+                             "CUDA devices, 1 on CPU; an integer forces it (e.g. 2 gloo processes on a CPU)."))
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc_positive(cls, value: Any) -> Any:
+        if value != "auto" and value < 1:
+            raise ValueError("must be 'auto' or a positive integer")
+        return value
 
 
 class StorageSettings(_Section):
@@ -146,6 +156,8 @@ class RegistrySettings(_Section):
     gc_grace_seconds: int = Field(3600, ge=0)
     gc_keep_champions: int = Field(
         3, ge=0, description="gc --keep-last never deletes a version that held promote_alias in its last K moves.")
+    force: bool = Field(
+        False, description="Retrain even when data, base model and training settings are unchanged since the champion.")
     gate_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples of the eval documents.")
     gate_confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence of the gate's intervals.")
     health_eos_tolerance: float = Field(
@@ -169,6 +181,11 @@ class PrefectSettings(_Section):
         None, description="'flow/deployment' to run training on a GPU work pool; None trains in-process.")
 
 
+    train_attempts: int = Field(
+        3, ge=1, description="Submissions of a training run whose worker died (same run key: each resumes).")
+    heartbeat_timeout_s: int = Field(
+        600, ge=30, description=("A training run Running this long without a Prefect heartbeat "
+                                 "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) counts as crashed."))
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loraflow_yaml_file", default=None)
 
 
