@@ -5,8 +5,8 @@
 #
 # Knobs (environment): LORAFLOW_RUN_DIR (.loraflow/run), PREFECT_PORT (4200), S3_PORT (9000),
 # S3_ROOT ($LORAFLOW_HOME/s3: the same local store as `make demo` and `loraflow storage serve`),
-# S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-# (a loopback development pair by default), VENV (.venv).
+# S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (default: the local store's
+# generated pair), VENV (.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -23,8 +23,10 @@ export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TOKENIZERS_PARALLEL
 export PREFECT_LOGGING_EXTRA_LOGGERS=loraflow PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore
 export PREFECT_HOME="$RUN_DIR/prefect-home"           # this stack's database, not ~/.prefect
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
-export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-loraflow}
-export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-loraflow-local-dev-secret}
+# The local store's own key pair (generated once, LORAFLOW_HOME/s3-credentials.json, mode 0600).
+read -r LOCAL_KEY LOCAL_SECRET < <("$PY" -c "from loraflow.demo.s3server import local_credentials; print(*local_credentials())")
+export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-$LOCAL_KEY}
+export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-$LOCAL_SECRET}
 export LORAFLOW_STORAGE__ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
 export LORAFLOW_STORAGE__REGION=us-east-1
 export LORAFLOW_STORAGE__BUCKET="$S3_BUCKET"

@@ -9,6 +9,7 @@ to sys.path without running the editable install's finder that lives there."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -32,8 +33,13 @@ def _run(cmd, *, env, cwd, timeout=900):
 def installed(tmp_path_factory) -> Path:
     """A fresh venv with loraflow installed from its wheel (non-editable); returns its bin/."""
     tmp = tmp_path_factory.mktemp("install")
+    # Built from a copy: setuptools leaves build/ in the source tree, and a stale build/lib would
+    # both litter the checkout and leak removed modules into later wheels.
+    source = tmp / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                               ".loraflow", "runs", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp / "dist"), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp / "dist"), str(source)], check=True, capture_output=True)
     [wheel] = (tmp / "dist").glob("loraflow-*.whl")
     subprocess.run([sys.executable, "-m", "venv", str(tmp / "venv")], check=True)
     bin_dir = tmp / "venv" / "bin"
@@ -72,22 +78,37 @@ def test_wheel_contents_import_from_the_install_not_the_checkout(installed, tmp_
 
 
 @pytest.mark.slow
-def test_short_demo_from_the_wheel_then_another_host_loads_the_champion(installed, tmp_path, asset_wheels):
-    from loraflow.demo.s3server import DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY, LocalS3Server
+def test_short_demo_from_the_wheel_then_its_printed_commands_and_another_host(installed, tmp_path, asset_wheels):
+    import shlex
+
+    from loraflow.demo.s3server import LocalS3Server, local_credentials
 
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     home = make_offline_home(tmp_path / "home", asset_wheels)
+    env = _env(installed, home)
     out = _run([installed / "python", "-m", "loraflow.demo", "--set", "training.max_steps=2",
-                "--set", "data.max_eval_samples=8"], env=_env(installed, home), cwd=outside)
+                "--set", "data.max_eval_samples=8"], env=env, cwd=outside)
     assert "promoted to champion" in out, out[-2000:]
     pull_line = next(line for line in out.splitlines() if "use it" in line)
-    assert "loraflow pull smollm2-imdb==" in pull_line
+    printed = pull_line.split("use it", 1)[1].strip()
+    assert printed.startswith("loraflow pull smollm2-imdb==")
 
-    # A second host: its own empty LORAFLOW_HOME, the demo's bucket served again, nothing else.
-    with LocalS3Server(home / "s3", "127.0.0.1:0", DEFAULT_ACCESS_KEY, DEFAULT_SECRET_KEY) as server:
+    # The commands the demo and README print, run as printed in a new shell: no exports, no server
+    # to start; they find the local store under LORAFLOW_HOME.
+    pulled = Path(_run([installed / "loraflow", *shlex.split(printed)[1:]], env=env, cwd=outside).strip())
+    assert (pulled / "adapter_model.safetensors").is_file()
+    versions = _run([installed / "loraflow", "versions", "smollm2-imdb"], env=env, cwd=outside)
+    assert printed.split("==")[1] in versions and "champion" in versions
+    loaded = _run([installed / "python", "-c", "import loraflow; m = loraflow.load_adapter('smollm2-imdb@champion'); "
+                   "print(type(m).__name__)"], env=env, cwd=outside)
+    assert loaded.strip() == "PeftModelForCausalLM"
+
+    # A second host: its own empty LORAFLOW_HOME, the demo's bucket served to it, nothing else.
+    access, secret = local_credentials(home)
+    with LocalS3Server(home / "s3", "127.0.0.1:0", access, secret) as server:
         env = _env(installed, tmp_path / "second-host", LORAFLOW_STORAGE__ENDPOINT_URL=server.endpoint_url,
-                   AWS_ACCESS_KEY_ID=DEFAULT_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=DEFAULT_SECRET_KEY)
+                   AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
         pulled = Path(_run([installed / "loraflow", "pull", "smollm2-imdb@champion"], env=env, cwd=outside).strip())
         assert pulled.is_relative_to(tmp_path / "second-host") and (pulled / "adapter_model.safetensors").is_file()
         loaded = _run([installed / "python", "-c", "import loraflow; m = loraflow.load_adapter('smollm2-imdb@champion'); "
@@ -95,3 +116,18 @@ def test_short_demo_from_the_wheel_then_another_host_loads_the_champion(installe
                       env=env, cwd=outside)
         assert loaded.split() == ["PeftModelForCausalLM", "s3://loraflow/models/SmolLM2-135M-Instruct"]
         assert (tmp_path / "second-host" / "models" / "s3" / "loraflow").is_dir()  # base fetched from the bucket
+
+
+def test_the_demo_deployment_runs_the_demo_recipe():
+    """`retrain-demo` in prefect.yaml (what the UI's Quick run uses with `make up`) and the packaged
+    demo.yaml are two copies of one recipe: they must not drift apart."""
+    import yaml
+
+    from loraflow.settings import Settings
+
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())["deployments"]}
+    demo = Settings.model_validate(yaml.safe_load((ROOT / "src" / "loraflow" / "demo" / "demo.yaml").read_text()))
+    deployed = Settings.model_validate(deployments["retrain-demo"]["parameters"]["settings"])
+    assert deployed.model_dump(exclude={"prefect"}) == demo.model_dump(exclude={"prefect"})
+    assert deployed.prefect.train_deployment == "train-adapter/train-adapter"
+    assert deployments["retrain-demo"]["work_pool"]["name"] == "cpu"

@@ -138,7 +138,9 @@ class StorageSettings(_Section):
     can carry a secret."""
 
     endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, Ceph RGW, R2, ...); None: AWS S3, or AWS_ENDPOINT_URL_S3.")
+        None, description="S3-compatible endpoint URL (MinIO, Ceph RGW, R2, ...); 'aws': AWS S3; 'local': the "
+                          "local store under LORAFLOW_HOME; None: AWS_ENDPOINT_URL_S3, else AWS S3 when AWS "
+                          "credentials are configured, else the local store.")
     bucket: str = Field("loraflow", min_length=3, max_length=63)
     prefix: str = Field("", description="Key prefix for everything loraflow writes in the bucket.")
     region: str | None = Field(None, description="None: the profile's or AWS_REGION's, else us-east-1.")
@@ -154,10 +156,10 @@ class RegistrySettings(_Section):
         0.0, ge=0, description=("Relative: the upper confidence bound of candidate ppl / champion ppl on the same "
                                 "documents must be <= 1 + margin (0: better than the champion with confidence)."))
     gc_grace_seconds: int = Field(3600, ge=0)
-    gc_keep_champions: int = Field(
-        3, ge=0, description="gc --keep-last never deletes a version that held promote_alias in its last K moves.")
     force: bool = Field(
         False, description="Retrain even when data, base model and training settings are unchanged since the champion.")
+    gc_keep_champions: int = Field(
+        3, ge=0, description="gc --keep-last never deletes a version that held promote_alias in its last K moves.")
     gate_resamples: int = Field(2000, ge=100, description="Paired bootstrap resamples of the eval documents.")
     gate_confidence: float = Field(0.95, gt=0.5, lt=1, description="Two-sided confidence of the gate's intervals.")
     health_eos_tolerance: float = Field(
@@ -179,13 +181,13 @@ class EvalSettings(_Section):
 class PrefectSettings(_Section):
     train_deployment: str | None = Field(
         None, description="'flow/deployment' to run training on a GPU work pool; None trains in-process.")
-
-
     train_attempts: int = Field(
         3, ge=1, description="Submissions of a training run whose worker died (same run key: each resumes).")
     heartbeat_timeout_s: int = Field(
         600, ge=30, description=("A training run Running this long without a Prefect heartbeat "
                                  "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) counts as crashed."))
+
+
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loraflow_yaml_file", default=None)
 
 

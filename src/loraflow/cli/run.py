@@ -14,12 +14,20 @@ from loraflow.cli import add_settings_args, settings_from_args
 
 # Prefect's ephemeral server needs ~20 s to start on 2 cores, and its default start-up timeout is 20 s.
 EPHEMERAL_STARTUP_TIMEOUT_S = "180"
+DEFAULT_DEPLOYMENT = "retrain/retrain-imdb"
 
 
 def register(sub) -> None:
-    run = sub.add_parser("run", help="run the retrain flow once (Prefect: ephemeral, or PREFECT_API_URL's server)")
+    run = sub.add_parser("run", help="run the retrain flow once: on the Prefect server's workers when "
+                                     "PREFECT_API_URL is set, else in this process (ephemeral Prefect)")
     add_settings_args(run)
     run.add_argument("--json", action="store_true", help="print the flow's result as JSON")
+    run.add_argument("--force", action="store_true",
+                     help="retrain even if nothing changed since the champion was trained (registry.force=true)")
+    run.add_argument("--local", action="store_true",
+                     help="run the flow in this process even when a Prefect server is configured")
+    run.add_argument("--deployment", default=DEFAULT_DEPLOYMENT, metavar="FLOW/DEPLOYMENT",
+                     help=f"the deployment to submit to when a server is configured (default {DEFAULT_DEPLOYMENT})")
     run.set_defaults(handler=_run)
 
 
@@ -57,14 +65,22 @@ def format_summary(result: dict) -> str:
 
 
 def _run(args) -> int:
+    if args.force:
+        args.overrides.append("registry.force=true")
     settings = settings_from_args(args)
     prefect_environment()
+    if os.environ.get("PREFECT_API_URL") and not args.local:
+        from loraflow.cli.submit import submit_and_follow
+
+        return submit_and_follow(settings, args.deployment, as_json=args.json)
     retrain = import_retrain_flow()
     started = time.perf_counter()
     result = retrain(settings)
     result["timings"]["wall (incl. Prefect start-up)"] = time.perf_counter() - started
     if args.json:
         print(json.dumps(result, indent=2, default=str))
+    elif result.get("skipped"):
+        print(result["message"])
     else:
         print(format_summary(result))
     return 0

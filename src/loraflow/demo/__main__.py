@@ -1,6 +1,6 @@
 """`python -m loraflow.demo` (what `make demo` runs): the whole pipeline offline, on the embedded default.
 
-Starts the local S3 server (rclone) on loopback over `LORAFLOW_HOME/s3`, prepares the demo assets
+Uses the local object store (`LORAFLOW_HOME/s3`, served on loopback for the run), prepares the demo assets
 (SmolLM2-135M-Instruct and 400 real IMDB reviews) and puts them into the bucket, runs the Prefect
 `retrain` flow once on the packaged demo.yaml (which trains from their s3:// URIs), prints the
 published version, its metrics and the `loraflow pull` command, stops what it started, and prints
@@ -9,6 +9,7 @@ where the wall time went."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -39,10 +40,50 @@ def upload_assets(settings, assets) -> None:
             print(f"uploaded {local} -> {uri}", flush=True)
 
 
+def printed_pull_command(result: dict, settings) -> str:
+    """The pull command as a user can run it in a new shell: plain when a command with no endpoint
+    configured falls back to the local store, as the demo used; else naming the store."""
+    from loraflow.settings import Settings
+    from loraflow.storage.client import uses_local_store
+
+    command = f"loraflow pull {result['name']}=={result['version']}"
+    if settings.storage.endpoint_url == "local" and not uses_local_store(Settings().storage):
+        command += " --set storage.endpoint_url=local"
+    return command
+
+
+def describe_outputs(result: dict, settings) -> None:
+    """Where the demo's results are, and the generations the model card holds, side by side."""
+    from loraflow.paths import cache_dir
+    from loraflow.registry import pull_adapter
+
+    if not result.get("version"):
+        return
+    folder = pull_adapter(f"{result['name']}=={result['version']}", settings=settings)
+    print(f"\nthe version, verified, in the local cache: {folder}")
+    print(f"  model card   {folder / 'README.md'}")
+    print(f"  metrics      {folder / 'metrics.json'}")
+    curve = cache_dir("runs") / str(result.get("flow_run_id")) / "loss_curve.png"
+    if curve.is_file():
+        print(f"  loss curve   {curve}")
+    metrics = json.loads((folder / "metrics.json").read_text())
+    gens = metrics.get("generations") or []
+    if gens:
+        print("\ngenerations (greedy, fixed prompts): base model -> adapter")
+        clip = lambda text: " ".join(str(text).split())[:70]  # noqa: E731
+        for g in gens:
+            print(f"  {g['prompt']!r}")
+            print(f"    base    {clip(g.get('base_text', ''))}")
+            print(f"    adapter {clip(g.get('text', ''))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraflow.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, help=f"settings file (default {DEMO_CONFIG})")
-    parser.add_argument("--set", dest="overrides", metavar="K=V", action="append", default=[])
+    parser.add_argument("--set", dest="overrides", metavar="K=V", action="append", default=[],
+                        help="override one setting, e.g. --set training.max_steps=2 (repeatable)")
+    parser.add_argument("--assets-only", action="store_true",
+                        help="only build the demo model and reviews and put them into the object store")
     args = parser.parse_args(argv)
 
     from loraflow.cli.run import format_summary, import_retrain_flow, prefect_environment
@@ -54,44 +95,43 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         from loraflow.demo.assets import demo_assets
-        from loraflow.paths import cache_dir
-        from loraflow.demo.s3server import LocalS3Server
         from loraflow.settings import load_settings
 
         t = time.perf_counter()
         assets = demo_assets()
+        # Unless told otherwise, the demo uses the local object store (LORAFLOW_HOME/s3), served for
+        # this process; versions and `champion` stay there for every later command.
+        settings = load_settings(args.config or DEMO_CONFIG, args.overrides)
+        if settings.storage.endpoint_url is None:
+            settings = load_settings(args.config or DEMO_CONFIG, args.overrides, storage={"endpoint_url": "local"})
+        upload_assets(settings, assets)
         assets_s = time.perf_counter() - t
-        # The demo's object store lives under LORAFLOW_HOME, so versions and `champion` survive
-        # between demos (and `loraflow storage serve` serves the same root).
-        with LocalS3Server(cache_dir("s3"), "127.0.0.1:0", buckets=(BUCKET,)) as server:
-            os.environ.update(server.env())  # boto3's credential chain finds the local key here
-            settings = load_settings(args.config or DEMO_CONFIG, args.overrides,
-                                     storage=server.storage_overrides(BUCKET))
-            t = time.perf_counter()
-            upload_assets(settings, assets)
-            assets_s += time.perf_counter() - t
-            retrain = import_retrain_flow()
-            t = time.perf_counter()
-            result = retrain(settings)
-            flow_wall = time.perf_counter() - t
+        if args.assets_only:
+            print(f"demo model and reviews are in the object store: {settings.model.name_or_path}, {settings.data.source}")
+            return 0
+        retrain = import_retrain_flow()
+        t = time.perf_counter()
+        result = retrain(settings)
+        flow_wall = time.perf_counter() - t
+        result["pull_command"] = printed_pull_command(result, settings)
     except LoraflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    timings = result["timings"]
+    timings = result.get("timings") or {}
     parts = {
-        "preparation (assets + dataset)": assets_s + timings["preparation"],
-        "training": timings["training"],
-        "evaluation": timings["evaluation"],
-        "publishing (+ promotion gate)": timings["publishing"] + timings["gate"],
+        "preparation (assets + dataset)": assets_s + timings.get("preparation", 0.0),
+        "training": timings.get("training", 0.0),
+        "evaluation": timings.get("evaluation", 0.0),
+        "publishing (+ promotion gate)": timings.get("publishing", 0.0) + timings.get("gate", 0.0),
     }
     # Everything else inside the flow call: ephemeral API start-up, flow/task run bookkeeping, artifacts.
     parts["Prefect overhead"] = flow_wall - sum(v for k, v in parts.items() if not k.startswith("preparation")) \
-        - timings["preparation"]
+        - timings.get("preparation", 0.0)
     total = time.perf_counter() - started
     print()
     print(format_summary(result))
-    print(f"\nmodel {assets.model_dir}\ndata  {assets.data_dir}")
+    describe_outputs(result, settings)
     print(f"\nwall time {total:.0f} s:")
     for name, seconds in parts.items():
         print(f"  {name:<32} {seconds:7.1f} s  ({100 * seconds / total:4.1f}%)")

@@ -21,10 +21,64 @@ from loraflow.log import get_logger
 
 log = get_logger("storage.server")
 
-# A development default for a server bound to loopback; anything reachable from elsewhere should
-# be started with its own secret (AWS_SECRET_ACCESS_KEY).
-DEFAULT_ACCESS_KEY = "loraflow"
-DEFAULT_SECRET_KEY = "loraflow-local-dev-secret"
+LOCAL_ROOT = "s3"                       # LORAFLOW_HOME/s3: the one local object store
+CREDENTIALS_FILE = "s3-credentials.json"  # LORAFLOW_HOME/s3-credentials.json, mode 0600
+
+
+def local_root(home: Path | None = None) -> Path:
+    from loraflow.paths import home as loraflow_home
+
+    root = (home or loraflow_home()) / LOCAL_ROOT
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def local_credentials(home: Path | None = None) -> tuple[str, str]:
+    """The local store's key pair: generated once per LORAFLOW_HOME, kept in a file only its owner
+    can read, so `make demo`, `loraflow storage serve`, `make up` and every command that falls back
+    to the local store agree without anything to export. Good for loopback only."""
+    import json
+    import secrets
+
+    from loraflow.paths import home as loraflow_home
+
+    path = (home or loraflow_home()) / CREDENTIALS_FILE
+    if not path.is_file():
+        pair = {"access_key": "loraflow-local-" + secrets.token_hex(4), "secret_key": secrets.token_urlsafe(24)}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(pair, fh)
+        try:
+            os.link(tmp, path)  # first writer wins; a concurrent one reads the winner's pair
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    pair = json.loads(path.read_text())
+    return pair["access_key"], pair["secret_key"]
+
+
+_embedded: LocalS3Server | None = None
+
+
+def embedded_server(bucket: str) -> LocalS3Server:
+    """The local store served for this process's lifetime (like Prefect's ephemeral API): started
+    on the first command that needs storage with no endpoint configured, on a free loopback port,
+    over LORAFLOW_HOME/s3, and stopped at exit."""
+    import atexit
+
+    global _embedded
+    if _embedded is None or not _embedded.running():
+        access, secret = local_credentials()
+        _embedded = LocalS3Server(local_root(), "127.0.0.1:0", access, secret, buckets=(bucket,))
+        _embedded.start()
+        atexit.register(_embedded.stop)
+        log.info("using the local object store %s (served on %s for this process)", _embedded.root,
+                 _embedded.endpoint_url)
+    elif bucket and not (_embedded.root / bucket).is_dir():
+        (_embedded.root / bucket).mkdir()
+    return _embedded
 
 
 def find_rclone() -> str:
@@ -49,6 +103,14 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _can_tie_to_parent() -> bool:
+    # PR_SET_PDEATHSIG fires when the *thread* that started the child exits: only tie the server to
+    # the main thread, which lives as long as the process.
+    import threading
+
+    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
@@ -66,10 +128,12 @@ class LocalS3Server:
     """`rclone serve s3 ROOT` as a context manager. `addr` with port 0 picks a free port."""
 
     def __init__(self, root: str | os.PathLike, addr: str = "127.0.0.1:9000",
-                 access_key: str = DEFAULT_ACCESS_KEY, secret_key: str = DEFAULT_SECRET_KEY,
+                 access_key: str | None = None, secret_key: str | None = None,
                  *, buckets: tuple[str, ...] = (), log_file: str | os.PathLike | None = None,
                  start_timeout: float = 20.0) -> None:
         host, port = parse_addr(addr)
+        if access_key is None or secret_key is None:
+            access_key, secret_key = local_credentials()
         if "," in access_key or "," in secret_key:
             raise ConfigError("the local S3 server's access key and secret must not contain ','")
         self.root = Path(root).expanduser().resolve()
@@ -115,7 +179,7 @@ class LocalS3Server:
         # The secret is on rclone's command line: readable by local users of this machine through
         # /proc, which is acceptable for a loopback dev server and why it has its own default secret.
         self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
-                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                      preexec_fn=_die_with_parent if _can_tie_to_parent() else None)
         self._wait_ready()
         log.debug("local S3 server on %s (root %s, pid %s)", self.endpoint_url, self.root, self._proc.pid)
         return self

@@ -58,8 +58,31 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+# Where credentials for AWS S3 could come from without asking the network (no instance-metadata
+# probe: a machine whose only identity is an instance role says `storage.endpoint_url: aws`).
+_AWS_IDENTITY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                           "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+
+
+def uses_local_store(storage: StorageSettings) -> bool:
+    """`storage.endpoint_url: local`, or no endpoint and nothing that points at AWS: the embedded
+    local store under LORAFLOW_HOME (as Prefect falls back to its ephemeral API), so commands work
+    after `make demo` with nothing to export. `aws` forces AWS S3."""
+    if storage.endpoint_url == "local":
+        return True
+    if storage.endpoint_url:
+        return False
+    if storage.profile or any(os.environ.get(v) for v in _AWS_IDENTITY_VARIABLES + ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")):
+        return False
+    aws_dir = Path(os.environ.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser().parent
+    shared = [os.environ.get("AWS_SHARED_CREDENTIALS_FILE"), os.environ.get("AWS_CONFIG_FILE"),
+              aws_dir / "credentials", aws_dir / "config"]
+    return not any(path and Path(path).expanduser().is_file() for path in shared)
+
+
 def make_client(storage: StorageSettings):
-    """A boto3 S3 client for the storage settings, credentials from boto3's standard chain."""
+    """A boto3 S3 client for the storage settings, credentials from boto3's standard chain (the
+    local store's own generated key when it is the local store)."""
     import boto3
     from botocore.config import Config
     from botocore.exceptions import ProfileNotFound
@@ -73,11 +96,19 @@ def make_client(storage: StorageSettings):
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
+    if uses_local_store(storage):
+        from loraflow.demo.s3server import embedded_server
+
+        server = embedded_server(storage.bucket)
+        return boto3.session.Session().client(
+            "s3", endpoint_url=server.endpoint_url, region_name="us-east-1", config=config,
+            aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key)
     try:
         session = boto3.session.Session(profile_name=storage.profile)
     except ProfileNotFound:
         raise ConfigError(f"storage.profile={storage.profile!r}: no such profile in the AWS config files") from None
-    return session.client("s3", endpoint_url=storage.endpoint_url,
+    endpoint = None if storage.endpoint_url == "aws" else storage.endpoint_url
+    return session.client("s3", endpoint_url=endpoint,
                           region_name=storage.region or session.region_name or "us-east-1", config=config)
 
 
@@ -89,7 +120,7 @@ def cached_client(storage: StorageSettings):
     """One client per endpoint and identity, per process: making one parses botocore's service
     model (hundreds of ms), which would dominate a cached pull. Clients are thread-safe. The key
     holds a digest of the credential variables, never their values."""
-    chain = "\0".join(os.environ.get(v, "") for v in _CHAIN_VARIABLES)
+    chain = "\0".join(os.environ.get(v, "") for v in _CHAIN_VARIABLES + ("LORAFLOW_HOME",))
     key = (storage.endpoint_url, storage.region, storage.profile, hashlib.sha256(chain.encode()).hexdigest())
     with _clients_lock:
         if key not in _clients:

@@ -1,0 +1,77 @@
+"""`loraflow run` against a Prefect server: submit the `retrain` deployment, so the run lands on the
+work pools' workers (the point of `make up`), print its URL, and follow its state and logs (its own
+and its training subflow's) until it ends. The exit code is 0 only for a Completed run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+from loraflow.errors import ConfigError, LoraflowError
+
+POLL_S = 2.0
+
+
+def deployment_parameters(settings, deployment_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The run's `settings` parameter: this command's settings, with the storage location left to
+    the workers' environment (it is theirs, not this shell's) and the deployment's own routing of
+    training (`prefect.train_deployment`, e.g. to the gpu pool) kept unless the command set one."""
+    data = settings.model_dump(mode="json")
+    for field in ("endpoint_url", "region", "profile"):
+        data["storage"][field] = None
+    own = (deployment_parameters.get("settings") or {}).get("prefect") or {}
+    if data["prefect"].get("train_deployment") is None and own.get("train_deployment"):
+        data["prefect"]["train_deployment"] = own["train_deployment"]
+    return {"settings": data}
+
+
+def submit_and_follow(settings, deployment: str, *, as_json: bool = False) -> int:
+    return asyncio.run(_submit_and_follow(settings, deployment, as_json))
+
+
+async def _submit_and_follow(settings, deployment_name: str, as_json: bool) -> int:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import get_current_settings
+
+    async with get_client() as client:
+        try:
+            deployment = await client.read_deployment_by_name(deployment_name)
+        except ObjectNotFound:
+            raise ConfigError(f"--deployment {deployment_name}: no such deployment on {client.api_url} "
+                              "(apply deployments/prefect.yaml, e.g. `make up`)") from None
+        except Exception as exc:  # noqa: BLE001 - httpx/connection errors of many kinds
+            raise LoraflowError(f"cannot reach the Prefect server at {client.api_url}: {type(exc).__name__}") from None
+        run = await client.create_flow_run_from_deployment(
+            deployment.id, parameters=deployment_parameters(settings, deployment.parameters or {}))
+        ui = get_current_settings().ui_url
+        print(f"submitted {deployment_name}: flow run {run.name!r}", flush=True)
+        if ui:
+            print(f"  {ui.rstrip('/')}/runs/flow-run/{run.id}", flush=True)
+        seen: set = set()
+        while True:
+            current = await client.read_flow_run(run.id)
+            children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+            ids = [run.id, *[c.id for c in children]]
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
+                                          sort=LogSort.TIMESTAMP_ASC)
+            for line in logs:
+                if line.id not in seen:
+                    seen.add(line.id)
+                    stamp = line.timestamp.astimezone().strftime("%H:%M:%S")
+                    print(f"{stamp} {line.name}: {line.message}", file=sys.stderr, flush=True)
+            state = current.state
+            if state is not None and state.is_final():
+                break
+            await asyncio.sleep(POLL_S)
+        verdict = f"flow run {run.name!r} ended {state.name}" + (f": {state.message}" if state.message else "")
+        if as_json:
+            print(json.dumps({"flow_run_id": str(run.id), "state": state.name, "message": state.message}))
+        else:
+            print(verdict)
+        return 0 if state.is_completed() else 1
