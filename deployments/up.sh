@@ -57,6 +57,11 @@ start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" \
   --auth-key "$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY" --config /dev/null --dir-cache-time 1s
 wait_for "S3 server on :$S3_PORT" 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $S3_PORT), 1)"
 
+# The demo recipe's model and reviews in the store, so `retrain-demo` (the UI's Quick run) works.
+"$PY" -m loraflow.demo --assets-only >"$RUN_DIR/demo-assets.log" 2>&1 \
+  || { echo "up: putting the demo assets into the store failed, see $RUN_DIR/demo-assets.log" >&2; exit 1; }
+echo "up: demo model and reviews are in s3://$S3_BUCKET (models/, datasets/)"
+
 start prefect-server "$PREFECT" server start --host 127.0.0.1 --port "$PREFECT_PORT"
 # The server answers /api/health after ~20 s on 2 cores; allow for a loaded machine.
 wait_for "Prefect server on :$PREFECT_PORT" 180 "$PY" -c \
