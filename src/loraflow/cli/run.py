@@ -67,12 +67,12 @@ def format_summary(result: dict) -> str:
 def _run(args) -> int:
     if args.force:
         args.overrides.append("registry.force=true")
-    settings = settings_from_args(args)
     prefect_environment()
     if os.environ.get("PREFECT_API_URL") and not args.local:
         from loraflow.cli.submit import submit_and_follow
 
-        return submit_and_follow(settings, args.deployment, as_json=args.json)
+        return submit_and_follow(args.config, args.overrides, args.deployment, as_json=args.json)
+    settings = settings_from_args(args)
     retrain = import_retrain_flow()
     started = time.perf_counter()
     result = retrain(settings)

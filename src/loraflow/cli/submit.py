@@ -14,24 +14,40 @@ from loraflow.errors import ConfigError, LoraflowError
 POLL_S = 2.0
 
 
-def deployment_parameters(settings, deployment_parameters: dict[str, Any]) -> dict[str, Any]:
-    """The run's `settings` parameter: this command's settings, with the storage location left to
-    the workers' environment (it is theirs, not this shell's) and the deployment's own routing of
-    training (`prefect.train_deployment`, e.g. to the gpu pool) kept unless the command set one."""
-    data = settings.model_dump(mode="json")
+def deployment_parameters(config, overrides: list[str], deployment_parameters: dict[str, Any]) -> dict[str, Any]:
+    """The run's `settings` parameter. Without --config: the deployment's own settings with the
+    --set overrides on top. With --config: that file's settings (and --set), the storage location
+    left to the workers' environment (it is theirs, not this shell's), and the deployment's routing
+    of training (`prefect.train_deployment`, e.g. to the gpu pool) kept unless the file set one."""
+    import copy
+
+    from loraflow.settings import load_settings, parse_override
+
+    own_settings = (deployment_parameters.get("settings") or {})
+    if config is None:
+        data = copy.deepcopy(own_settings)
+        for item in overrides:
+            path, value = parse_override(item)
+            node = data
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        load_settings(overrides=overrides, **{k: v for k, v in data.items() if isinstance(v, dict)})  # fail here, not on a worker
+        return {"settings": data}
+    data = load_settings(config, overrides).model_dump(mode="json")
     for field in ("endpoint_url", "region", "profile"):
         data["storage"][field] = None
-    own = (deployment_parameters.get("settings") or {}).get("prefect") or {}
+    own = own_settings.get("prefect") or {}
     if data["prefect"].get("train_deployment") is None and own.get("train_deployment"):
         data["prefect"]["train_deployment"] = own["train_deployment"]
     return {"settings": data}
 
 
-def submit_and_follow(settings, deployment: str, *, as_json: bool = False) -> int:
-    return asyncio.run(_submit_and_follow(settings, deployment, as_json))
+def submit_and_follow(config, overrides: list[str], deployment: str, *, as_json: bool = False) -> int:
+    return asyncio.run(_submit_and_follow(config, overrides, deployment, as_json))
 
 
-async def _submit_and_follow(settings, deployment_name: str, as_json: bool) -> int:
+async def _submit_and_follow(config, overrides: list[str], deployment_name: str, as_json: bool) -> int:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import LogSort
@@ -47,7 +63,7 @@ async def _submit_and_follow(settings, deployment_name: str, as_json: bool) -> i
         except Exception as exc:  # noqa: BLE001 - httpx/connection errors of many kinds
             raise LoraflowError(f"cannot reach the Prefect server at {client.api_url}: {type(exc).__name__}") from None
         run = await client.create_flow_run_from_deployment(
-            deployment.id, parameters=deployment_parameters(settings, deployment.parameters or {}))
+            deployment.id, parameters=deployment_parameters(config, overrides, deployment.parameters or {}))
         ui = get_current_settings().ui_url
         print(f"submitted {deployment_name}: flow run {run.name!r}", flush=True)
         if ui:
