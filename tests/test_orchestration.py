@@ -164,3 +164,155 @@ def test_a_failing_rank_fails_the_flow_with_its_error(prefect_server, s3_server,
     # A hang would show as the suite's timeout; the error must be the rank's own.
     with pytest.raises(TrainingError, match=r"training failed on rank \d \(torchrun exit 1\): ValueError: .*no_such_layer"):
         train_adapter_flow(settings, run_key="ddp-fail")
+
+
+# --- deployments: Kubernetes gpu pool, the event trigger ------------------------------------------
+
+K8S_TEMPLATE = ROOT / "deployments" / "kubernetes" / "gpu-base-job-template.json"
+
+
+def test_kubernetes_gpu_job_template_fits_prefect_kubernetes_and_renders_a_gpu_job():
+    import json
+
+    import jsonschema
+    from kubernetes_asyncio.client import ApiClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import KubernetesWorker, KubernetesWorkerJobConfiguration
+
+    template = json.loads(K8S_TEMPLATE.read_text())
+    default = KubernetesWorker.get_default_base_job_template()
+    jsonschema.Draft202012Validator.check_schema(template["variables"])
+    # Every variable the worker's own template offers is still there (job variables keep working).
+    assert set(default["variables"]["properties"]) <= set(template["variables"]["properties"])
+    assert set(template["job_configuration"]) == set(default["job_configuration"])
+
+    # What the worker does with a deployment's job variables (from_template_and_values, minus the
+    # block/variable lookups that need an API): defaults, then the values, into the template.
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values.update(image="registry.example/loraflow-gpu:1.0", gpu_count=4)
+    config = KubernetesWorkerJobConfiguration.model_validate(apply_values(template["job_configuration"], values))
+    config.prepare_for_flow_run(FlowRun(flow_id="00000000-0000-0000-0000-000000000001", name="t"))
+    manifest = config.job_manifest
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == "registry.example/loraflow-gpu:1.0"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["envFrom"] == [{"secretRef": {"name": "loraflow-storage"}}]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "loraflow" and "AWS_SECRET_ACCESS_KEY" not in env
+    assert container["args"][:3] == ["prefect", "flow-run", "execute"] or "prefect" in " ".join(container["args"])
+    # The rendered manifest is a valid batch/v1 Job for the Kubernetes client's models.
+    async def as_v1_job():
+        async with ApiClient() as api:
+            return api._ApiClient__deserialize(manifest, "V1Job")
+
+    job = asyncio.run(as_v1_job())
+    assert job.spec.template.spec.volumes[0].empty_dir.medium == "Memory"
+
+
+@pytest.mark.slow
+def test_kubernetes_template_creates_a_work_pool_on_a_real_server(prefect_server):
+    import json
+
+    created = prefect_server.cli("work-pool", "create", "gpu-k8s-test", "--type", "kubernetes",
+                                 "--base-job-template", str(K8S_TEMPLATE), "--overwrite")
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_work_pool("gpu-k8s-test")
+
+    pool = asyncio.run(read())
+    assert pool.type == "kubernetes"
+    assert pool.base_job_template == json.loads(K8S_TEMPLATE.read_text())
+
+
+@pytest.mark.slow
+def test_retrain_on_new_data_applies_and_the_data_landed_event_starts_a_run(prefect_server, cli, monkeypatch):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    prefect_server.cli("work-pool", "create", "cpu", "--type", "process")  # may exist already (other modules)
+    deployed = prefect_server.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                                  "--name", "retrain-on-new-data")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    # No worker runs here; keep the 15-minute schedule from queueing runs for other tests' workers.
+    paused = prefect_server.cli("deployment", "schedule", "pause", "retrain/retrain-on-new-data", "--all")
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+
+    async def read():
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("retrain/retrain-on-new-data")
+            automations = await client.read_automations_by_name(
+                f"{deployment.name}__automation_1")
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])))
+            return deployment, automations, runs
+
+    deployment, automations, runs_before = asyncio.run(read())
+    assert [s.schedule.interval.total_seconds() for s in deployment.schedules] == [900]
+    assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert deployment.work_pool_name == "cpu"
+    assert len(automations) == 1
+    trigger = automations[0].trigger
+    assert trigger.expect == {"loraflow.data.landed"}
+    assert trigger.match.model_dump().get("prefect.resource.id") == "loraflow.data.*"
+
+    monkeypatch.setenv("PREFECT_API_URL", prefect_server.api_url)
+    code, out, err = cli("emit", "data-landed", "s3://landing/reviews/2026-11-29/", "--adapter", "imdb-tiny")
+    assert code == 0, err
+    assert out.startswith("emitted loraflow.data.landed for s3://landing/reviews/2026-11-29/")
+
+    for _ in range(120):  # the server's triggers service acts on the event within seconds
+        _, _, runs = asyncio.run(read())
+        if len(runs) > len(runs_before):
+            break
+        time.sleep(1)
+    new = [r for r in runs if r.id not in {b.id for b in runs_before}]
+    assert len(new) == 1, "the loraflow.data.landed event should have started one retrain-on-new-data run"
+    assert new[0].parameters["settings"]["prefect"]["train_deployment"] == "train-adapter/train-adapter"
+    # Nothing will run it here; cancel it so no later worker picks it up.
+    from prefect.states import Cancelled
+
+    async def cancel():
+        async with get_client() as client:
+            await client.set_flow_run_state(new[0].id, Cancelled(), force=True)
+
+    asyncio.run(cancel())
+
+
+# --- checkpoints of abandoned runs ------------------------------------------------------------------
+
+def test_gc_removes_checkpoints_of_abandoned_runs_after_the_grace_period(s3_server, cli, tmp_path):
+    import os
+
+    from loraflow import checkpoints
+    from loraflow.storage.store import Store
+
+    bucket = create_bucket(s3_server, "ckgc-")
+    settings = s3_settings_for(s3_server, bucket)
+    local = tmp_path / "checkpoint-2"
+    local.mkdir()
+    (local / "adapter_model.safetensors").write_bytes(b"\0" * 64)
+    (local / "trainer_state.json").write_text("{}")
+    for run_key in ("dead-run", "live-run"):
+        checkpoints.upload_dir(settings.storage, local, checkpoints.run_prefix(settings.storage, run_key)
+                               + "checkpoint-2/", step=2, run_key=run_key)
+    # rclone reports a file's mtime as LastModified: the dead run last wrote two days ago.
+    two_days_ago = time.time() - 2 * 86400
+    for path in (s3_server.root / bucket / "checkpoints" / "dead-run").rglob("*"):
+        os.utime(path, (two_days_ago, two_days_ago))
+    time.sleep(1.5)  # rclone's directory cache (1 s)
+    args = ["--set", f"storage.bucket={bucket}", "--set", f"storage.endpoint_url={s3_server.endpoint_url}"]
+
+    code, out, err = cli("gc", "any-adapter", "--dry-run", *args)
+    assert code == 0, err
+    assert "would remove checkpoints of 1 failed or abandoned training run(s); kept 1 recent run(s)" in out
+    assert "  checkpoints/dead-run/  3 objects" in out
+    code, out, err = cli("gc", "any-adapter", *args)
+    assert code == 0, err
+    assert "removed checkpoints of 1 failed or abandoned training run(s); kept 1 recent run(s)" in out
+    keys = {o["Key"].split("/")[1] for o in Store(settings.storage, bucket).list("checkpoints/")}
+    assert keys == {"live-run"}

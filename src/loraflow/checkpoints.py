@@ -113,3 +113,35 @@ def checkpoint_upload_callback(storage: StorageSettings, run_key: str):
             return control
 
     return UploadCheckpoints()
+
+
+@dataclass(frozen=True)
+class AbandonedRun:
+    run_key: str
+    objects: int
+    bytes: int
+    idle_s: float  # seconds since the run last wrote anything
+
+
+def abandoned_runs(storage: StorageSettings, grace_seconds: float) -> tuple[list[AbandonedRun], list[str]]:
+    """Runs under `checkpoints/` that wrote nothing for `grace_seconds`, and the run keys still
+    within it. A finished run's folder is deleted by the flow after publishing, so what stays and
+    goes quiet belongs to a run that failed or was abandoned (a dead worker never resubmitted). The
+    grace period must exceed the time between two checkpoints of a live run."""
+    from datetime import datetime, timezone
+
+    prefix = storage.prefix.strip("/")
+    root = f"{prefix + '/' if prefix else ''}checkpoints/"
+    store = Store(storage, storage.bucket)
+    groups: dict[str, list[dict]] = {}
+    for obj in store.list(root):
+        groups.setdefault(obj["Key"][len(root):].partition("/")[0], []).append(obj)
+    now = datetime.now(timezone.utc)
+    stale, recent = [], []
+    for run_key, objs in sorted(groups.items()):
+        idle = (now - max(o["LastModified"] for o in objs)).total_seconds()
+        if idle < grace_seconds:
+            recent.append(run_key)
+        else:
+            stale.append(AbandonedRun(run_key, len(objs), sum(o["Size"] for o in objs), idle))
+    return stale, recent

@@ -156,6 +156,9 @@ class RegistrySettings(_Section):
         0.0, ge=0, description=("Relative: the upper confidence bound of candidate ppl / champion ppl on the same "
                                 "documents must be <= 1 + margin (0: better than the champion with confidence)."))
     gc_grace_seconds: int = Field(3600, ge=0)
+    gc_checkpoint_grace_seconds: int = Field(
+        86400, ge=0, description=("`loraflow gc` removes a training run's checkpoints once it wrote nothing for this "
+                                  "long (failed or abandoned runs; longer than any gap between two checkpoints)."))
     force: bool = Field(
         False, description="Retrain even when data, base model and training settings are unchanged since the champion.")
     gc_keep_champions: int = Field(

@@ -12,7 +12,7 @@ import sys
 from loraflow.errors import LoraflowError
 
 # Command-group modules under loraflow.cli, each with register(subparsers).
-COMMAND_MODULES = ["config", "assets", "registry", "storage", "train", "run", "serve"]
+COMMAND_MODULES = ["config", "assets", "registry", "storage", "train", "run", "serve", "emit"]
 
 
 def add_settings_args(parser: argparse.ArgumentParser) -> None:

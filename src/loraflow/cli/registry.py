@@ -67,6 +67,9 @@ def register(sub) -> None:
                     help="with --keep-last: also keep what held the champion alias in its last K moves "
                          "(default: registry.gc_keep_champions)")
     gc.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
+    gc.add_argument("--checkpoint-grace", type=float, metavar="SECONDS",
+                    help="also remove training checkpoints of runs idle this long (failed or abandoned runs; "
+                         "default: registry.gc_checkpoint_grace_seconds)")
     add_settings_args(gc)
     gc.set_defaults(handler=_gc)
 
@@ -237,4 +240,15 @@ def _gc(args) -> int:
           f"kept {len(report.kept_recent)} recent incomplete version(s)")
     for version in report.removed_versions:
         print(f"  {version}")
+    _gc_checkpoints(args, verb)
     return 0
+
+
+def _gc_checkpoints(args, verb: str) -> None:
+    from loraflow.registry.gc import gc_checkpoints
+
+    report = gc_checkpoints(settings_from_args(args), grace_seconds=args.checkpoint_grace, dry_run=args.dry_run)
+    print(f"{verb} checkpoints of {len(report.removed_runs)} failed or abandoned training run(s); "
+          f"kept {len(report.kept_recent)} recent run(s)")
+    for run in report.removed_runs:
+        print(f"  checkpoints/{run['run_key']}/  {run['objects']} objects, {run['bytes']} bytes, idle {run['idle_s']} s")

@@ -142,3 +142,33 @@ def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> int
                     store.client.abort_multipart_upload(Bucket=store.bucket, Key=upload["Key"],
                                                         UploadId=upload["UploadId"])
     return count
+
+
+@dataclass
+class CheckpointGcReport:
+    removed_runs: list[dict] = field(default_factory=list)  # run_key, objects, bytes, idle_s
+    kept_recent: list[str] = field(default_factory=list)  # runs that wrote within the grace period
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def gc_checkpoints(settings, *, grace_seconds: float | None = None, dry_run: bool = False) -> CheckpointGcReport:
+    """Remove the checkpoints of training runs that failed or were abandoned: run folders under
+    `checkpoints/` with nothing written for `registry.gc_checkpoint_grace_seconds` (published runs
+    remove their own). Never touches the registry's versions."""
+    from loraflow.checkpoints import abandoned_runs, delete_run
+
+    grace = settings.registry.gc_checkpoint_grace_seconds if grace_seconds is None else grace_seconds
+    if grace < 0:
+        raise ConfigError("the checkpoint grace period must be 0 or more seconds")
+    stale, recent = abandoned_runs(settings.storage, grace)
+    report = CheckpointGcReport(kept_recent=recent)
+    for run in stale:
+        if not dry_run:
+            delete_run(settings.storage, run.run_key)
+        report.removed_runs.append({"run_key": run.run_key, "objects": run.objects, "bytes": run.bytes,
+                                    "idle_s": round(run.idle_s)})
+        log.info("%s checkpoints of run %s (%d objects, idle %.0f s)", "would remove" if dry_run else "removed",
+                 run.run_key, run.objects, run.idle_s)
+    return report
