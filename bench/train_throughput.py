@@ -1,17 +1,34 @@
-"""Training throughput and memory: the seed notebook's stack vs loraflow, in one run.
+"""Training throughput and memory: the seed notebook's stack vs loraflow, alternated step by step.
 
 The seed's stack (the reference): transformers Trainer + peft LoRA r=16 on c_attn/c_proj, batch 4,
-grad-accum 4, every review tokenised with padding="max_length" (pad = eos, the usual collator).
-loraflow: `loraflow.training.train_adapter` with its defaults (packed rows with per-document
-position ids, micro-batch 1 x grad-accum 16: the same 16 rows of max_length per optimizer step).
+grad-accum 4, every review tokenised with padding="max_length" (pad = eos, the usual collator); on a
+GPU in bf16 with bf16 weights. loraflow: `loraflow.training.train_adapter` (packed rows with
+per-document position ids; micro-batch 1 x grad-accum 16 on a CPU, 16 x 1 on a GPU: the same 16
+rows of max_length per optimizer step; precision auto).
 
-Both run on the same DialoGPT-architecture model (GPT2Config with random weights at the real small
-/ medium shapes, the real GPT-2 tokenizer), the same real IMDB review texts, the same number of
-optimizer steps and the same effective batch (16 rows of max_length). Each run is a separate
-process so peak RSS is its own; the two are alternated within this one invocation because the
-machine's speed drifts over an afternoon (see shared/ASSETS.md).
+Both run on the same DialoGPT-architecture model (GPT2Config with random weights at the real
+small / medium shapes, the real GPT-2 tokenizer), the same real IMDB review texts, the same number
+of optimizer steps and the same effective batch.
 
-    .venv/bin/python bench/train_throughput.py --arch small,medium --max-length 512 --steps 3
+A noisy machine decides the ratio of two runs made one after the other, so the stacks run as two
+live processes taking turns: each waits at the end of every optimizer step (or every
+--steps-per-turn steps) until the other has done its turn, and times only its own steps. Each
+process measures its own peak memory (RSS on a CPU, torch's peak allocated bytes on a GPU). The
+first turn is not timed (one-off costs). The report gives, per stack, the median time per step and
+its spread over the timed turns ((max - min) / median), and the ratio of useful tokens/s turn by
+turn; a run whose spread exceeds --disturbed (default 20%) is flagged: compare only quiet runs.
+
+    .venv/bin/python bench/train_throughput.py --arch small --max-length 512 --steps 5
+    .venv/bin/python bench/train_throughput.py --device cuda --arch medium --steps 60 --steps-per-turn 10
+
+Model FLOPs per useful token (forward plus the activation gradients; the frozen weights get no
+weight gradients, LoRA's own FLOPs are < 1% and left out):
+    4 * N + 12 * n_layer * d_model * A
+N = n_layer * 12 * d_model^2 + vocab * d_model (the matrix-multiply parameters: attention, MLP, LM
+head) and A = the mean number of keys a useful token attends to (its position in its document + 1),
+measured from each stack's own rows. MFU = useful tokens/s * FLOPs per token / the GPU's dense bf16
+peak (--peak-tflops; H100/H200 SXM: 989 TFLOP/s). On a CPU the rate is set against an fp32 matrix
+product measured in the same run, before and after the steps.
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import json
 import math
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +47,8 @@ from pathlib import Path
 
 EFFECTIVE_ROWS = 16  # the seed's 4 x 4
 EVAL_DOCS = 24
+RECIPE_STEPS = 1000
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
 
 
 def review_texts() -> tuple[list[str], list[str]]:
@@ -39,7 +59,11 @@ def review_texts() -> tuple[list[str], list[str]]:
             [clean(r["text"]) for r in imdb_sample_rows("test")][:EVAL_DOCS])
 
 
-def peak_rss_gb() -> float:
+def peak_memory_gb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
 
 
@@ -49,11 +73,12 @@ def eval_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length - 1)["input_ids"] + [tokenizer.eos_token_id]
-            x = torch.tensor([ids])
+            x = torch.tensor([ids], device=device)
             logits = model(input_ids=x).logits[0, :-1].float()
             loss = torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum")
             total += loss.item()
@@ -61,179 +86,362 @@ def eval_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
     return total / count
 
 
-class StepClock:
-    """TrainerCallback recording wall time at every optimizer step."""
+def eval_adapter(model_dir: Path, adapter_dir: Path, device: str, max_length: int) -> float:
+    """Both stacks' adapters on the same fp32 base, the seed notebook's loading snippet."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    def __init__(self):
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).to(device)
+    return eval_loss(model, AutoTokenizer.from_pretrained(model_dir), review_texts()[1], max_length)
+
+
+def flops_per_token(model_dir: Path, mean_keys: float) -> float:
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    n = c.n_layer * 12 * c.n_embd**2 + c.vocab_size * c.n_embd
+    return 4 * n + 12 * c.n_layer * c.n_embd * mean_keys
+
+
+class TurnTaker:
+    """TrainerCallback: waits for "go" on stdin before its first step and after every
+    `per_turn` optimizer steps, and reports the seconds its own turn took on stdout."""
+
+    def __init__(self, device: str, per_turn: int):
         from transformers import TrainerCallback
 
-        clock = self
-        self.stamps: list[float] = []
+        taker = self
+
+        def now() -> float:
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()  # the turn's GPU work belongs to the turn
+            return time.perf_counter()
+
+        def wait_turn(step: int) -> None:
+            line = sys.stdin.readline()
+            if line.strip() != "go":
+                raise SystemExit(f"turn-taking: expected 'go', got {line!r}")
+            taker.t0, taker.step0 = now(), step
 
         class _CB(TrainerCallback):
             def on_train_begin(self, args, state, control, **kw):
-                clock.stamps.append(time.perf_counter())
+                wait_turn(state.global_step)
 
             def on_step_end(self, args, state, control, **kw):
-                clock.stamps.append(time.perf_counter())
+                if state.global_step % per_turn == 0 or state.global_step >= state.max_steps:
+                    dt = now() - taker.t0
+                    print(f"TURN {state.global_step} {dt / (state.global_step - taker.step0):.6f}", flush=True)
+                    wait_turn(state.global_step)
 
         self.callback = _CB()
-
-    def seconds_per_step(self) -> float:
-        steps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-        # The first step pays one-off costs (allocator warm-up, thread pools); skip it when we can.
-        timed = steps[1:] if len(steps) > 1 else steps
-        return sum(timed) / len(timed)
+        self.t0, self.step0 = 0.0, 0
 
 
-def run_seed(model_dir: Path, max_length: int, steps: int, micro_batch: int = 4) -> dict:
-    """The seed notebook's stack, verbatim in spirit: padding='max_length', pad = eos.
-    `micro_batch` 1 (x16 accumulation) separates what packing buys from what a smaller
-    micro-batch buys: the same effective batch, a quarter of the activations."""
+def run_seed(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int = 4) -> dict:
+    """The seed notebook's stack, verbatim in spirit: padding='max_length', pad = eos; bf16 on a GPU.
+    `micro_batch` 1 (x16 accumulation) separates what packing buys from what a smaller micro-batch
+    buys: the same effective batch, a quarter of the activations."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments)
 
-    train_texts, eval_texts = review_texts()
+    gpu = device == "cuda"
+    train_texts, _ = review_texts()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)  # bf16 is a trap on this CPU
+    # bf16 on a GPU as the seed does; fp32 on this CPU, where bf16 is a trap (shared/ASSETS.md).
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if gpu else torch.float32)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
                                              task_type="CAUSAL_LM", target_modules=["c_attn", "c_proj"],
                                              fan_in_fan_out=True))
     ds = Dataset.from_dict({"text": train_texts}).map(
         lambda b: tokenizer(b["text"], truncation=True, padding="max_length", max_length=max_length),
         batched=True, remove_columns=["text"])
-    useful = sum(sum(m) for m in ds["attention_mask"]) / len(ds)
-    clock = StepClock()
+    masks = ds["attention_mask"]
+    useful = sum(sum(m) for m in masks) / len(ds)
+    mean_keys = sum(n * (n + 1) / 2 for n in (sum(m) for m in masks)) / sum(sum(m) for m in masks)
+    turns = TurnTaker(device, per_turn)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=micro_batch,
                                  gradient_accumulation_steps=EFFECTIVE_ROWS // micro_batch,
-                                 max_steps=steps, warmup_steps=0, learning_rate=2e-4, logging_steps=1,
-                                 save_strategy="no", report_to=[], disable_tqdm=True, use_cpu=True, seed=42)
-        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[clock.callback],
+                                 max_steps=steps, warmup_steps=0, learning_rate=2e-4,
+                                 logging_steps=25 if gpu else 1, save_strategy="no", report_to=[],
+                                 disable_tqdm=True, use_cpu=not gpu, bf16=gpu, seed=42)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[turns.callback],
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False))
         trainer.train()
-    sps = clock.seconds_per_step()
-    return {"s_per_step": sps, "tokens_per_s": EFFECTIVE_ROWS * max_length / sps,
-            "useful_tokens_per_s": EFFECTIVE_ROWS * useful / sps, "padding": 1 - useful / max_length,
-            "useful_tokens_per_step": EFFECTIVE_ROWS * useful,
-            "eval_loss": eval_loss(model, tokenizer, eval_texts, max_length), "peak_rss_gb": peak_rss_gb()}
+        peak = peak_memory_gb(device)
+        model.save_pretrained(Path(out) / "adapter")
+        del trainer, model
+        loss = eval_adapter(model_dir, Path(out) / "adapter", device, max_length)
+    return {"useful_tokens_per_step": EFFECTIVE_ROWS * useful, "padding": 1 - useful / max_length,
+            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak}
 
 
-def run_loraflow(model_dir: Path, max_length: int, steps: int) -> dict:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: int, steps: int, micro_batch: int,
+                      logging_steps: int):
+    from loraflow.settings import load_settings
+
+    return load_settings(overrides=[
+        f"model.name_or_path={model_dir}", f"data.source={data_dir}", f"data.max_length={max_length}",
+        "data.packing=true", f"training.per_device_train_batch_size={micro_batch}",
+        f"training.gradient_accumulation_steps={EFFECTIVE_ROWS // micro_batch}", f"training.max_steps={steps}",
+        *([] if steps == RECIPE_STEPS else ["training.warmup_steps=0"]),
+        f"training.logging_steps={logging_steps}", "training.save_strategy=no", f"training.output_dir={out}",
+    ])
+
+
+def write_reviews(data_dir: Path) -> Path:
+    train_texts, eval_texts = review_texts()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, texts in (("train", train_texts), ("test", eval_texts)):
+        with open(data_dir / f"{split}.jsonl", "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+    return data_dir
+
+
+def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int) -> dict:
+    from transformers import AutoTokenizer
 
     from loraflow.data import prepare_dataset
-    from loraflow.settings import load_settings
     from loraflow.training import train_adapter
 
-    train_texts, eval_texts = review_texts()
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = Path(tmp) / "data"
-        data_dir.mkdir()
-        for split, texts in (("train", train_texts), ("test", eval_texts)):
-            with open(data_dir / f"{split}.jsonl", "w") as f:
-                for t in texts:
-                    f.write(json.dumps({"text": t}) + "\n")
         os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")
-        settings = load_settings(overrides=[
-            f"model.name_or_path={model_dir}", f"data.source={data_dir}", f"data.max_length={max_length}",
-            "data.packing=true", "training.per_device_train_batch_size=1",
-            f"training.gradient_accumulation_steps={EFFECTIVE_ROWS}", f"training.max_steps={steps}",
-            "training.warmup_steps=0", "training.logging_steps=1", "training.save_strategy=no",
-            f"training.output_dir={tmp}/out",
-        ])
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        prepared = prepare_dataset(settings, tokenizer)
+        settings = loraflow_settings(model_dir, write_reviews(Path(tmp) / "data"), Path(tmp) / "out", max_length,
+                                     steps, micro_batch, 25 if device == "cuda" else 1)
+        prepared = prepare_dataset(settings, AutoTokenizer.from_pretrained(model_dir))
         rows = prepared.train
         useful = sum(len(r) for r in rows["input_ids"]) / len(rows)
-        clock = StepClock()
-        result = train_adapter(settings, prepared=prepared, callbacks=[clock.callback])
-        rss = peak_rss_gb()
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, result.adapter_dir)
-        loss = eval_loss(model, tokenizer, eval_texts, max_length)
-    sps = clock.seconds_per_step()
-    return {"s_per_step": sps, "tokens_per_s": EFFECTIVE_ROWS * max_length / sps,
-            "useful_tokens_per_s": EFFECTIVE_ROWS * useful / sps, "padding": 1 - useful / max_length,
-            "useful_tokens_per_step": EFFECTIVE_ROWS * useful, "eval_loss": loss, "peak_rss_gb": rss}
+        positions = [p for r in rows["position_ids"] for p in r]
+        mean_keys = sum(p + 1 for p in positions) / len(positions)
+        turns = TurnTaker(device, per_turn)
+        result = train_adapter(settings, prepared=prepared, callbacks=[turns.callback])
+        peak = peak_memory_gb(device)
+        loss = eval_adapter(model_dir, result.adapter_dir, device, max_length)
+    return {"useful_tokens_per_step": EFFECTIVE_ROWS * useful, "padding": 1 - useful / max_length,
+            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak}
+
+
+def run_recipe(model_dir: Path, max_length: int, micro_batch: int) -> dict:
+    """The whole seed recipe (1000 steps, warmup 100, logging 25) through loraflow, from a cold
+    process: the parent times it from spawn to exit, imports and model load included."""
+    from loraflow.training import train_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")
+        settings = loraflow_settings(model_dir, write_reviews(Path(tmp) / "data"), Path(tmp) / "out", max_length,
+                                     RECIPE_STEPS, micro_batch, 25)
+        result = train_adapter(settings)
+    return {"final_loss": result.final_loss, "train_time_s": result.train_time_s, "steps": result.global_step}
 
 
 def worker(args) -> None:
-    fn = {"seed": run_seed, "seed-mb1": lambda *a: run_seed(*a, micro_batch=1), "loraflow": run_loraflow}[args.worker]
-    result = fn(Path(args.model_dir), args.max_length, args.steps)
+    model_dir = Path(args.model_dir)
+    if args.worker == "recipe":
+        result = run_recipe(model_dir, args.max_length, args.micro_batch)
+    elif args.worker == "loraflow":
+        result = run_loraflow(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
+                              args.micro_batch)
+    else:
+        result = run_seed(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
+                          micro_batch=4 if args.worker == "seed" else 1)
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(which: str, model_dir: Path, max_length: int, steps: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", which, "--model-dir", str(model_dir),
-           "--max-length", str(max_length), "--steps", str(steps)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-5000:])
-        raise SystemExit(f"{which} worker failed ({proc.returncode})")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
-    result["wall_s"] = time.perf_counter() - t0
-    return result
+class Live:
+    """One stack's worker process, driven turn by turn over its stdin/stdout."""
+
+    def __init__(self, name: str, which: str, common: list[str], log_dir: Path, micro_batch: int):
+        self.name = name
+        self.log_path = log_dir / f"{which}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", which, "--micro-batch", str(micro_batch), *common],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self.turns: list[float] = []
+        self.result: dict = {}
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        self.proc.wait()
+        self.log.flush()
+        tail = self.log_path.read_text()[-4000:]
+        raise SystemExit(f"{self.name} worker ended ({self.proc.returncode}) without {prefix.strip()}:\n{tail}")
+
+    def turn(self) -> float:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        seconds = float(self._read("TURN ").split()[1])
+        self.turns.append(seconds)
+        return seconds
+
+    def release(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def finish(self) -> dict:
+        self.result = json.loads(self._read("RESULT "))
+        self.proc.wait()
+        return self.result
+
+
+def gemm_gflops(device: str) -> float:
+    """fp32 (CPU) or bf16 (GPU) matrix product at DialoGPT-medium's MLP shape, best of 5."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a = torch.randn(8192 if device == "cuda" else 512, 1024, dtype=dtype, device=device)
+    b = torch.randn(1024, 4096, dtype=dtype, device=device)
+    best = math.inf
+    for _ in range(5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t) / 10)
+    return 2 * a.shape[0] * 1024 * 4096 / best / 1e9
+
+
+def spread(xs: list[float]) -> float:
+    return (max(xs) - min(xs)) / statistics.median(xs) if len(xs) > 1 else 0.0
+
+
+def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
+    common = ["--model-dir", str(model_dir), "--max-length", str(args.max_length), "--steps", str(args.steps),
+              "--device", args.device, "--steps-per-turn", str(args.steps_per_turn)]
+    mb = args.micro_batch or (16 if args.device == "cuda" else 1)
+    stacks = [Live("seed", "seed", common, log_dir, 4), Live("loraflow", "loraflow", common, log_dir, mb)]
+    if args.seed_mb1:
+        stacks.append(Live("seed 1x16", "seed-mb1", common, log_dir, 1))
+    n_turns = math.ceil(args.steps / args.steps_per_turn)
+    gemm_before = gemm_gflops(args.device)
+    try:
+        for t in range(n_turns):
+            order = stacks if t % 2 == 0 else stacks[::-1]  # neither always goes first
+            line = "   turn %d/%d:" % (t + 1, n_turns)
+            for s in order:
+                line += f"  {s.name} {s.turn():.2f} s/step"
+            print(line, flush=True)
+        gemm_after = gemm_gflops(args.device)
+        for s in stacks:
+            s.release()
+        for s in stacks:
+            s.finish()
+    finally:
+        for s in stacks:
+            if s.proc.poll() is None:
+                s.proc.kill()
+    recipe = None
+    if args.device == "cuda" and args.recipe:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--worker", "recipe", "--micro-batch", str(mb), *common],
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if proc.returncode == 0:
+            recipe = {"wall_s": wall, **json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])}
+        else:
+            sys.stderr.write(proc.stderr[-3000:])
+
+    peak = args.peak_tflops
+    if peak is None and args.device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    label = f"DialoGPT-{arch}/{args.max_length}"
+    out = []
+    head = (f"{'model':<20}{'stack':<11}{'s/step':>8}{'spread':>8}{'useful tok/s':>14}{'padding':>9}"
+            f"{'GFLOP/tok':>10}{'TFLOP/s':>9}{'MFU':>7}{'peak mem GB':>13}{'eval loss':>11}")
+    out += [head, "-" * len(head)]
+    for s in stacks:
+        timed = s.turns[1:] or s.turns
+        s.sps = statistics.median(timed)
+        s.spread = spread(timed)
+        r = s.result
+        s.tps = r["useful_tokens_per_step"] / s.sps
+        tflops = s.tps * r["flops_per_token"] / 1e12
+        mfu = f"{tflops / peak:.0%}" if peak else "n/a"
+        out.append(f"{label:<20}{s.name:<11}{s.sps:>8.2f}{s.spread:>8.0%}{s.tps:>14.1f}{r['padding']:>9.0%}"
+                   f"{r['flops_per_token'] / 1e9:>10.3f}{tflops:>9.4f}{mfu:>7}{r['peak_memory_gb']:>13.2f}"
+                   f"{r['eval_loss']:>11.3f}")
+    seed, ours = stacks[0], stacks[1]
+    ratios = [(b_s / b_o) * (ours.result["useful_tokens_per_step"] / seed.result["useful_tokens_per_step"])
+              for b_s, b_o in zip(seed.turns[1:] or seed.turns, ours.turns[1:] or ours.turns)]
+    out.append(f"{'':<20}loraflow / seed, turn by turn: useful tokens/s x{statistics.median(ratios):.2f} median "
+               f"(x{min(ratios):.2f} .. x{max(ratios):.2f} over {len(ratios)} turns); peak memory "
+               f"x{ours.result['peak_memory_gb'] / seed.result['peak_memory_gb']:.2f}; eval loss "
+               f"{ours.result['eval_loss'] - seed.result['eval_loss']:+.3f}")
+    if args.device == "cpu":
+        out.append(f"{'':<20}fp32 matrix product in this run: {gemm_before:.0f} GFLOP/s before the steps, "
+                   f"{gemm_after:.0f} after; loraflow's model FLOP rate is "
+                   f"{ours.tps * ours.result['flops_per_token'] / 1e9 / max(gemm_before, gemm_after):.0%} of the faster")
+    else:
+        out.append(f"{'':<20}MFU against {peak if peak else '?'} TFLOP/s dense bf16 "
+                   f"({'--peak-tflops' if args.peak_tflops else 'by device name'}); bf16 matrix product measured "
+                   f"{gemm_before / 1e3:.0f} / {gemm_after / 1e3:.0f} TFLOP/s before / after")
+    if recipe:
+        out.append(f"{'':<20}the 1000-step recipe through loraflow, cold process to adapter written: "
+                   f"{recipe['wall_s']:.1f} s wall ({recipe['train_time_s']:.1f} s training), final loss "
+                   f"{recipe['final_loss']:.3f}")
+    worst = max(stacks, key=lambda s: s.spread)
+    if worst.spread > args.disturbed:
+        out.append(f"{'':<20}DISTURBED: {worst.name}'s step time spread {worst.spread:.0%} over the timed turns "
+                   f"exceeds {args.disturbed:.0%}: something else ran on this machine; rerun before quoting")
+    else:
+        out.append(f"{'':<20}quiet run: every stack's step time spread <= {args.disturbed:.0%}")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="small,medium", help="comma list of: tiny, small, medium")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is not timed)")
-    parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow"], help=argparse.SUPPRESS)
-    parser.add_argument("--no-seed-mb1", action="store_true",
-                        help="skip the seed stack at micro-batch 1 x 16 (the row that separates packing's gain)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per stack (the first turn is not timed)")
+    parser.add_argument("--steps-per-turn", type=int, default=1, help="optimizer steps a stack runs per turn")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help=f"loraflow's micro-batch (grad-accum = {EFFECTIVE_ROWS} / it); 0: 1 on cpu, 16 on cuda")
+    parser.add_argument("--seed-mb1", action="store_true",
+                        help="a third stack in the rotation: the seed's at micro-batch 1 x 16 (separates packing's gain)")
+    parser.add_argument("--disturbed", type=float, default=0.20, help="flag a run whose step-time spread exceeds this")
+    parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--no-recipe", dest="recipe", action="store_false",
+                        help="cuda: skip timing the whole 1000-step recipe")
+    parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow", "recipe"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"train_throughput: --device cuda but no CUDA device is visible (torch {torch.__version__})")
+    if args.micro_batch and EFFECTIVE_ROWS % args.micro_batch:
+        raise SystemExit(f"--micro-batch must divide {EFFECTIVE_ROWS}, got {args.micro_batch}")
 
     from loraflow.demo.tiny_models import make_gpt2_model_dir
 
-    rows = []
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch.split(","):
             model_dir = make_gpt2_model_dir(Path(tmp) / arch, arch)
-            print(f"== DialoGPT-{arch} arch, max_length {args.max_length}, {args.steps} optimizer steps "
-                  f"x {EFFECTIVE_ROWS} rows", flush=True)
-            seed = spawn("seed", model_dir, args.max_length, args.steps)
-            print(f"   seed stack done in {seed['wall_s']:.0f} s", flush=True)
-            ours = spawn("loraflow", model_dir, args.max_length, args.steps)
-            print(f"   loraflow done in {ours['wall_s']:.0f} s", flush=True)
-            mb1 = None
-            if not args.no_seed_mb1:
-                mb1 = spawn("seed-mb1", model_dir, args.max_length, args.steps)
-                print(f"   seed stack at micro-batch 1 done in {mb1['wall_s']:.0f} s", flush=True)
-            rows.append((arch, seed, ours, mb1))
-
-    head = (f"{'model':<20}{'stack':<11}{'s/step':>8}{'tok/s':>8}{'useful tok/s':>14}{'padding':>9}"
-            f"{'useful tok/step':>17}{'peak RSS GB':>13}{'eval loss':>11}")
-    print("\n" + head + "\n" + "-" * len(head))
-    for arch, seed, ours, mb1 in rows:
-        runs = [("seed", seed), ("loraflow", ours)] + ([("seed 1x16", mb1)] if mb1 else [])
-        for name, r in runs:
-            print(f"{'DialoGPT-' + arch + '/' + str(args.max_length):<20}{name:<11}{r['s_per_step']:>8.1f}"
-                  f"{r['tokens_per_s']:>8.0f}{r['useful_tokens_per_s']:>14.1f}{r['padding']:>9.0%}"
-                  f"{r['useful_tokens_per_step']:>17.0f}{r['peak_rss_gb']:>13.2f}{r['eval_loss']:>11.3f}")
-        speed = ours["useful_tokens_per_s"] / seed["useful_tokens_per_s"]
-        rss = ours["peak_rss_gb"] / seed["peak_rss_gb"]
-        print(f"{'':<20}{'ratio':<10} useful tokens/s x{speed:.2f} (target >= 2), peak RSS x{rss:.2f} "
-              f"(target <= 0.5), eval loss {ours['eval_loss'] - seed['eval_loss']:+.3f}")
-        if mb1:
-            print(f"{'':<20}{'':<10} vs the seed stack at micro-batch 1 x 16: useful tokens/s "
-                  f"x{ours['useful_tokens_per_s'] / mb1['useful_tokens_per_s']:.2f}, "
-                  f"peak RSS x{ours['peak_rss_gb'] / mb1['peak_rss_gb']:.2f}")
-    if any(math.isnan(r[2]["eval_loss"]) for r in rows):
-        raise SystemExit("loraflow eval loss is NaN")
+            print(f"== DialoGPT-{arch} arch, max_length {args.max_length}, {args.steps} optimizer steps x "
+                  f"{EFFECTIVE_ROWS} rows, {args.device}, stacks alternating every {args.steps_per_turn} step(s)",
+                  flush=True)
+            lines += compare(arch, model_dir, args, Path(tmp))
+    print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
