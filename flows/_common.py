@@ -86,7 +86,13 @@ def library_logs_in_prefect() -> Iterator[None]:
     """While a flow runs, send the `loraflow` logger's lines to the Prefect API (the run's logs in
     the UI), as PREFECT_LOGGING_EXTRA_LOGGERS=loraflow does when it is set before Prefect is
     imported (`prefect.extra` holds Prefect's API handler). Detached afterwards: outside a flow
-    run the API handler has nowhere to send lines and warns on every one."""
+    run the API handler has nowhere to send lines and warns on every one.
+
+    Also the run's scope for lines said once (loraflow.log.log_once: the precision warning, the
+    prepared-data cache hit) and no tqdm bars when the worker's stderr is not a terminal."""
+    from loraflow.log import one_run, quiet_progress_bars
+
+    quiet_progress_bars()
     extra = logging.getLogger("prefect.extra")
     lib = logging.getLogger("loraflow")
     added = [h for h in extra.handlers if h not in lib.handlers]
@@ -99,7 +105,8 @@ def library_logs_in_prefect() -> Iterator[None]:
     if lib.level == logging.NOTSET or lib.level > logging.INFO:
         lib.setLevel(logging.INFO)
     try:
-        yield
+        with one_run():
+            yield
     finally:
         for handler in added:
             lib.removeHandler(handler)

@@ -14,8 +14,10 @@ every model evaluated on the same eval fingerprint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +41,8 @@ EVAL_PROMPTS = (
     "The plot",
 )
 MAX_NEW_TOKENS = 64  # eval.max_new_tokens' default
+# Seconds between evaluation progress lines.
+PROGRESS_EVERY_S = 15.0
 
 
 @dataclass
@@ -80,6 +84,55 @@ def document_losses(model, dataset, collator, *, batch_size: int, device: str) -
     is a run of positions starting at 0 (PackedCollator); padding and one-token chunks have no
     targets and are left out. Forward runs with `use_cache=False`, which is what lets transformers
     build the per-document block mask from position_ids (see loraflow.data.collator)."""
+    return _document_losses(model, dataset, collator, batch_size=batch_size, device=device)
+
+
+def _document_starts(rows) -> int:
+    """Documents (chunks) in packed rows: positions that restart at 0."""
+    return sum(1 for row in rows["position_ids"] for p in row if p == 0)
+
+
+class _Progress:
+    """Progress lines while evaluation runs (about a minute idle, many on a busy CPU): pieces scored
+    of all the passes (adapter, base, forgetting check), elapsed, and an ETA from the rates so far.
+    The first batch gets a line (the user sees it move and a first ETA), then one every
+    `PROGRESS_EVERY_S`. Generation sets are timed too; until the first one ends their cost is
+    unknown and the ETA says so."""
+
+    def __init__(self, total: int, unit: str, generation_sets: int) -> None:
+        self.total, self.done, self.unit = total, 0, unit
+        self.sets_left, self.sets_s, self.sets_done = generation_sets, 0.0, 0
+        self.t0 = self.last = time.perf_counter()
+        self.scoring_s = 0.0
+        self.lines = 0
+
+    def _eta(self) -> str:
+        eta = self.scoring_s / max(1, self.done) * (self.total - self.done)
+        if self.sets_left and not self.sets_done:
+            return f"eta {eta:.0f} s plus {self.sets_left} generation set{'s' if self.sets_left > 1 else ''}"
+        return f"eta {eta + self.sets_left * self.sets_s / max(1, self.sets_done):.0f} s"
+
+    def scored(self, what: str, pieces: int, seconds: float) -> None:
+        self.done += pieces
+        self.scoring_s += seconds
+        now = time.perf_counter()
+        if self.lines and now - self.last < PROGRESS_EVERY_S and self.done < self.total:
+            return
+        self.last, self.lines = now, self.lines + 1
+        log.info("eval: %d/%d %s scored (%s), %.0f s elapsed, %s", self.done, self.total, self.unit, what,
+                 now - self.t0, self._eta())
+
+    @contextlib.contextmanager
+    def generating(self, what: str, prompts: int, budget: int) -> Iterator[None]:
+        log.info("eval: %d greedy generations (up to %d new tokens each) with %s", prompts, budget, what)
+        t0 = time.perf_counter()
+        yield
+        self.sets_done, self.sets_left = self.sets_done + 1, self.sets_left - 1
+        self.sets_s += time.perf_counter() - t0
+
+
+def _document_losses(model, dataset, collator, *, batch_size: int, device: str,
+                     progress: tuple[_Progress, str] | None = None) -> tuple[list[float], list[int]]:
     import torch
     import torch.nn.functional as F
 
@@ -88,6 +141,7 @@ def document_losses(model, dataset, collator, *, batch_size: int, device: str) -
     model.eval()
     with torch.inference_mode():
         for start in range(0, len(dataset), batch_size):
+            t0 = time.perf_counter()
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(rows)
             labels = batch["labels"][:, 1:].to(device)
@@ -107,6 +161,10 @@ def document_losses(model, dataset, collator, *, batch_size: int, device: str) -
                     if n:
                         sums.append(float(losses[i][mask].sum()))
                         counts.append(n)
+            if progress is not None:
+                reporter, what = progress
+                reporter.scored(what, sum(1 for row in rows for p in row["position_ids"] if p == 0),
+                               time.perf_counter() - t0)
     if not counts:
         raise ModelError("the eval split has no target tokens")
     return sums, counts
@@ -223,30 +281,48 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
     precision = modeling.resolve_precision(settings.training, settings.model)
     device = precision.device
     base = modeling.load_base_model(settings, precision)
+    log.info("eval: loading adapter %s", adapter_dir)
     try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir))
+        with modeling.peft_quietly():
+            model = PeftModel.from_pretrained(base, str(adapter_dir))
     except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{adapter_dir}: cannot load the adapter onto {settings.model.name_or_path!r}: {exc}") from None
+        raise ModelError(f"{adapter_dir}: cannot load the adapter onto {settings.model.name_or_path!r}: "
+                         f"{exc}") from None
     model.to(device)
     collator = PackedCollator(modeling.pad_token_id(tokenizer))
     batch_size = settings.training.per_device_train_batch_size
     budget = settings.eval.max_new_tokens
 
-    def score(rows) -> tuple[list[float], list[int]]:
-        return document_losses(model, rows, collator, batch_size=batch_size, device=device)
+    # Progress counts what is scored: document chunks of up to data.max_length tokens (one per
+    # document unless documents are longer).
+    passes = 2 if with_base else 1
+    documents, chunks = _count_documents(prepared), _document_starts(prepared.eval)
+    general_chunks = _document_starts(general) if general is not None else 0
+    unit = "documents" if chunks == documents and general is None else "chunks"
+    progress = _Progress(passes * (chunks + general_chunks), unit, passes)
+    log.info("eval: scoring %d documents%s with %s, then %d greedy generations with each%s", documents,
+             f" ({chunks} chunks of up to {settings.data.max_length} tokens)" if chunks != documents else "",
+             "the adapter and the base model" if with_base else "the adapter", len(EVAL_PROMPTS),
+             f"; forgetting check on {general_chunks} chunks of {settings.eval.general_source}" if general is not None
+             else "")
 
-    def generate() -> list[dict[str, Any]]:
-        return generate_samples(model, tokenizer, device=device, seed=settings.training.seed, max_new_tokens=budget)
+    def score(rows, what: str) -> tuple[list[float], list[int]]:
+        return _document_losses(model, rows, collator, batch_size=batch_size, device=device, progress=(progress, what))
 
-    adapter_sums, counts = score(prepared.eval)
-    samples = generate()
-    general_adapter = score(general) if general is not None else None
+    def generate(what: str) -> list[dict[str, Any]]:
+        with progress.generating(what, len(EVAL_PROMPTS), budget):
+            return generate_samples(model, tokenizer, device=device, seed=settings.training.seed,
+                                    max_new_tokens=budget)
+
+    adapter_sums, counts = score(prepared.eval, "adapter")
+    samples = generate("the adapter")
+    general_adapter = score(general, "adapter, general text") if general is not None else None
     base_sums, base_samples, general_base = [], [], None
     if with_base:
         with model.disable_adapter():
-            base_sums, _ = score(prepared.eval)
-            base_samples = generate()
-            general_base = score(general) if general is not None else None
+            base_sums, _ = score(prepared.eval, "base model")
+            base_samples = generate("the base model")
+            general_base = score(general, "base model, general text") if general is not None else None
 
     tokens = sum(counts)
     adapter_loss = sum(adapter_sums) / tokens
@@ -273,42 +349,47 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
         if general_base is not None:
             result.general_base_ppl = _ppl(sum(general_base[0]) / general_tokens)
     result.eval_time_s = round(time.perf_counter() - t0, 3)
-    log.info("eval: base ppl %.3f -> adapter ppl %.3f over %d tokens (%d documents); generations ending "
-             "with EOS %.0f%%, distinct-2 %.3f", result.base_ppl, result.adapter_ppl, tokens,
-             result.eval_documents, 100 * health["adapter"]["eos_rate"], health["adapter"]["distinct_2"])
+    # The same token count as the prepare line, with the predicted share explained: a document's
+    # first token has nothing before it to predict it from.
+    all_tokens = (prepared.stats.get("eval") or {}).get("tokens")
+    log.info("eval: base ppl %.2f -> adapter ppl %.2f on %d documents / %s tokens (%s of them predicted) "
+             "in %.1f s; generations ending with EOS %.0f%%, distinct-2 %.2f", result.base_ppl, result.adapter_ppl,
+             result.eval_documents, f"{all_tokens:,}" if isinstance(all_tokens, int) else "?", f"{tokens:,}",
+             result.eval_time_s, 100 * health["adapter"]["eos_rate"], health["adapter"]["distinct_2"])
     if result.general_adapter_ppl is not None:
-        log.info("forgetting check on %s: base ppl %s -> adapter ppl %.3f over %d tokens", result.general_source,
-                 f"{result.general_base_ppl:.3f}" if result.general_base_ppl is not None else "-",
-                 result.general_adapter_ppl, result.general_tokens)
+        general_base = f"{result.general_base_ppl:.2f}" if result.general_base_ppl is not None else "-"
+        log.info("forgetting check on %s: base ppl %s -> adapter ppl %.2f over %s predicted tokens",
+                 result.general_source, general_base, result.general_adapter_ppl, f"{result.general_tokens:,}")
     return result
 
 
 def format_results_table(metrics: dict[str, Any]) -> str:
     """The small table the notebook printed at the end, from a metrics.json-shaped dict."""
+    # (label, value, decimals for a float): rounded for people; metrics.json keeps full precision.
     rows = [
-        ("base perplexity", metrics.get("base_ppl")),
-        ("adapter perplexity", metrics.get("adapter_ppl")),
-        ("base eval loss", metrics.get("base_eval_loss")),
-        ("adapter eval loss", metrics.get("eval_loss")),
-        ("eval tokens", metrics.get("eval_tokens")),
-        ("general-text base perplexity", metrics.get("general_base_ppl")),
-        ("general-text adapter perplexity", metrics.get("general_adapter_ppl")),
-        ("train tokens", metrics.get("train_tokens")),
-        ("train steps", metrics.get("global_step")),
-        ("train time (s)", metrics.get("train_time_s")),
-        ("train tokens/s", metrics.get("tokens_per_s")),
+        ("base perplexity", metrics.get("base_ppl"), 3),
+        ("adapter perplexity", metrics.get("adapter_ppl"), 3),
+        ("base eval loss", metrics.get("base_eval_loss"), 3),
+        ("adapter eval loss", metrics.get("eval_loss"), 3),
+        ("eval tokens (predicted)", metrics.get("eval_tokens"), 0),
+        ("general-text base perplexity", metrics.get("general_base_ppl"), 3),
+        ("general-text adapter perplexity", metrics.get("general_adapter_ppl"), 3),
+        ("train tokens", metrics.get("train_tokens"), 0),
+        ("train steps", metrics.get("global_step"), 0),
+        ("train time (s)", metrics.get("train_time_s"), 1),
+        ("train tokens/s", metrics.get("tokens_per_s"), 0),
     ]
-    rows = [(k, v) for k, v in rows if v is not None]
+    rows = [(k, v, d) for k, v, d in rows if v is not None]
 
-    def fmt(v: Any) -> str:
+    def fmt(v: Any, decimals: int) -> str:
         if isinstance(v, float):
-            return f"{v:,.3f}" if abs(v) < 1e6 else f"{v:.3e}"
+            return f"{v:,.{decimals}f}" if abs(v) < 1e6 else f"{v:.3e}"
         return f"{v:,}" if isinstance(v, int) else str(v)
 
-    width = max(len(k) for k, _ in rows) if rows else 10
-    vwidth = max((len(fmt(v)) for _, v in rows), default=5)
+    width = max(len(k) for k, _, _ in rows) if rows else 10
+    vwidth = max((len(fmt(v, d)) for _, v, d in rows), default=5)
     line = f"+-{'-' * width}-+-{'-' * vwidth}-+"
     out = [line, f"| {'metric'.ljust(width)} | {'value'.rjust(vwidth)} |", line]
-    out += [f"| {k.ljust(width)} | {fmt(v).rjust(vwidth)} |" for k, v in rows]
+    out += [f"| {k.ljust(width)} | {fmt(v, d).rjust(vwidth)} |" for k, v, d in rows]
     out.append(line)
     return "\n".join(out)

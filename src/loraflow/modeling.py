@@ -8,8 +8,10 @@ dtype are right on a GPU and a trap on a CPU without native half-precision maths
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,8 +28,18 @@ if TYPE_CHECKING:
 log = get_logger("model")
 
 # peft 0.21 still reads `is_gradient_checkpointing`, which transformers 5.2x deprecated: a
-# FutureWarning on every model load that a user can do nothing about. Only that one is silenced.
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+# FutureWarning on every model load that a user can do nothing about. Only that one is silenced:
+# for the process here, and around each peft call by `peft_quietly` (pytest, or anything else that
+# resets the warning filters, drops the process-wide one).
+_PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PEFT_DEPRECATION, category=FutureWarning)
+        yield
 
 # LoRA targets by architecture, used when the configured target_modules match nothing (the seed's
 # GPT-2 names `c_attn/c_proj` on a Llama). peft's own table only lists q/v for Llama; all four
@@ -316,6 +328,11 @@ def load_base_model(settings: Settings, precision: Precision | None = None):
                          f"(only safetensors weights are accepted): {exc}") from None
     if getattr(model.config, "use_cache", None):
         model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if getattr(model, "loss_type", "") is None:
+        # Classes not named *ForCausalLM (GPT-2's LMHeadModel: the seed's DialoGPT) get no loss
+        # type, and transformers warns that it falls back to ForCausalLM, which is what a causal
+        # LM means. Naming it is the same loss without a warning nobody can act on.
+        model.loss_type = "ForCausalLM"
     return model
 
 
@@ -415,7 +432,8 @@ def apply_lora(model, lora: LoraSettings, *, base_model: str | None = None, revi
         r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout, bias=lora.bias,
         task_type=lora.task_type, target_modules=targets, fan_in_fan_out=fan_in_fan_out,
     )
-    peft_model = get_peft_model(model, config)
+    with peft_quietly():
+        peft_model = get_peft_model(model, config)
     if base_model is not None:
         peft_model.peft_config["default"].base_model_name_or_path = base_model
         peft_model.peft_config["default"].revision = revision

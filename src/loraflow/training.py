@@ -440,10 +440,15 @@ def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDat
         callbacks=[progress, resume_rules.marker_callback(identity), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLogger says it better
-    log.info("training %s on %d rows (%s tokens), precision %s on %s, effective batch %d x %d x %d",
-             settings.model.name_or_path, len(prepared.train), (prepared.stats.get("train") or {}).get("tokens", "?"),
-             precision.name, precision.device, args.per_device_train_batch_size,
-             args.gradient_accumulation_steps, args.world_size)
+    train_tokens = (prepared.stats.get("train") or {}).get("tokens")
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    log.info("training %s on %d rows (%s tokens), %s on %s: each optimizer step learns from %d rows of up to %d "
+             "tokens (%d per batch x %d batches accumulated x %d process%s); a progress line every %s",
+             settings.model.name_or_path, len(prepared.train),
+             f"{train_tokens:,}" if isinstance(train_tokens, int) else "?", precision.name, precision.device,
+             per_step, settings.data.max_length, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+             args.world_size, "" if args.world_size == 1 else "es",
+             "step" if args.logging_steps == 1 else f"{args.logging_steps:g} steps")
 
     done = _steps_already_done(resume_from, settings)
     if done is not None:
@@ -483,7 +488,7 @@ def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDat
         for extra in ("training_args.bin", "README.md"):
             (tmp_dir / extra).unlink(missing_ok=True)
         tmp_dir.replace(adapter_dir)
-        log.info("adapter written to %s (step %d, %d label tokens in %.1fs, %.0f tok/s)", adapter_dir,
-                 result.global_step, result.session_tokens, train_time, result.tokens_per_s)
+        log.info("adapter written to %s (step %d, %s label tokens in %.1f s, %.0f tokens/s)", adapter_dir,
+                 result.global_step, f"{result.session_tokens:,}", train_time, result.tokens_per_s)
     trainer.accelerator.wait_for_everyone()
     return result

@@ -61,11 +61,12 @@ def _accept_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from loraflow.log import setup_console
+    from loraflow.log import one_run, setup_console
 
     setup_console(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return int(args.handler(args) or 0)
+        with one_run():
+            return int(args.handler(args) or 0)
     except LoraflowError as exc:
         if args.verbose or os.environ.get("LORAFLOW_TRACEBACK"):
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from loraflow.data.packing import layout_rows, tokenize_documents
 from loraflow.data.sources import TEXT, load_records
 from loraflow.errors import ConfigError
-from loraflow.log import get_logger
+from loraflow.log import get_logger, log_once
 from loraflow.paths import cache_dir
 
 if TYPE_CHECKING:
@@ -162,7 +163,8 @@ def prepare_dataset(settings: Settings, tokenizer: Any, *, model_max_positions: 
     if (target / STATS_FILE).is_file():
         loaded = datasets.load_from_disk(str(target))
         stats = json.loads((target / STATS_FILE).read_text())
-        log.info("prepared data from cache %s (fingerprint %s): %d train rows, %d eval rows",
+        # The train, eval and gate tasks of one run each find it: say so once per run.
+        log_once(log, logging.INFO, "prepared data from cache %s (fingerprint %s): %d train rows, %d eval rows",
                  target, fingerprint, len(loaded["train"]), len(loaded["eval"]))
         return PreparedDataset(loaded["train"], loaded["eval"], fingerprint, target, True, stats)
 

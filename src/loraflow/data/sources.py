@@ -9,12 +9,13 @@ the same parsing they get from `load_dataset("json", ...)`.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraflow.errors import DataError, StorageError
-from loraflow.log import get_logger
+from loraflow.log import get_logger, log_once
 from loraflow.paths import cache_dir
 from loraflow.storage.client import is_s3_uri, parse_s3_uri
 
@@ -272,7 +273,7 @@ def _text_only(ds: datasets.Dataset, data: DataSettings, where: str) -> datasets
     if len(column) == 0:
         raise DataError(f"{where}: every value of column {data.text_column!r} is empty")
     if len(column) < before:
-        log.info("%s: dropped %d empty texts of %d", where, before - len(column), before)
+        log_once(log, logging.INFO, "%s: dropped %d empty texts of %d", where, before - len(column), before)
     return column
 
 
@@ -292,7 +293,8 @@ def _eval_split_name(data: DataSettings, splits: list[str], train_name: str, whe
         return data.eval_split
     for name in ("validation", "test"):
         if name in splits and name != train_name:
-            log.info("%s has no split %r: using its %r split for eval", where, data.eval_split, name)
+            log_once(log, logging.INFO, "%s has no split %r: using its %r split for eval", where, data.eval_split,
+                     name)
             return name
     return None
 
@@ -318,13 +320,13 @@ def load_records(data: DataSettings, storage: StorageSettings, *, seed: int = 42
     eval_name = _eval_split_name(data, list(raw.keys()), train_name, where)
     if eval_name is not None:
         eval_ds = _text_only(raw[eval_name], data, f"{where} [{eval_name}]")
-        log.info("eval split: %r from %s", eval_name, where)
+        log_once(log, logging.INFO, "eval split: %r from %s", eval_name, where)
     else:
         if len(train) < 2:
             raise DataError(f"{where}: {len(train)} document(s) cannot be split into train and eval; "
                             "add data or provide an eval split (data.eval_split)")
         if data.eval_split:
-            log.info("%s has no split %r: holding out %.1f%% of %r (seed %d)",
+            log_once(log, logging.INFO, "%s has no split %r: holding out %.1f%% of %r (seed %d)",
                      where, data.eval_split, 100 * data.eval_size, train_name, seed)
         parts = train.train_test_split(test_size=data.eval_size, seed=seed, shuffle=True, keep_in_memory=True)
         train, eval_ds = parts["train"], parts["test"]

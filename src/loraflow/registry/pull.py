@@ -101,7 +101,8 @@ def load_adapter(ref: str, *, settings=None, base_model=None, dest=None, **model
             modeling.check_model_identity(recorded, settings.storage, ref)  # hub: files exist only now
     elif isinstance(base_model, (str, os.PathLike)):
         base_model = AutoModelForCausalLM.from_pretrained(str(base_model), use_safetensors=True, **model_kwargs)
-    return PeftModel.from_pretrained(base_model, str(adapter_dir))
+    with modeling.peft_quietly():
+        return PeftModel.from_pretrained(base_model, str(adapter_dir))
 
 
 def base_identity(manifest: dict) -> dict:
