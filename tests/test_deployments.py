@@ -19,6 +19,15 @@ from fixtures_s3 import create_bucket
 pytestmark = pytest.mark.slow
 
 
+async def _pause_schedules(name: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+        for schedule in deployment.schedules:
+            await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
+
+
 @pytest.fixture(scope="module")
 def applied_deployments(prefect_server):
     for pool in ("cpu", "gpu"):
@@ -26,6 +35,8 @@ def applied_deployments(prefect_server):
         assert created.returncode == 0, created.stdout + created.stderr
     deployed = prefect_server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    # Its 15-minute schedule would hand seed-recipe runs to this module's workers.
+    asyncio.run(_pause_schedules("retrain/retrain-on-new-data"))
     return deployed
 
 
@@ -84,6 +95,8 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
 
     bucket = create_bucket(s3_server, "deploy-")
     settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, name="imdb-worker")
+    # Both runs train on the same inputs: without force the second would end Skipped.
+    settings = settings.model_copy(update={"registry": settings.registry.model_copy(update={"force": True})})
     # One run trains through the gpu pool (run_deployment), the other in-process.
     via_gpu = settings.model_dump(mode="json")
     via_gpu["prefect"]["train_deployment"] = "train-adapter/train-adapter"

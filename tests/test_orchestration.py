@@ -159,11 +159,23 @@ def test_a_failing_rank_fails_the_flow_with_its_error(prefect_server, s3_server,
     from loraflow.errors import TrainingError
 
     bucket = create_bucket(s3_server, "ddpfail-")
-    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2, nproc_per_node=2)
-    settings = settings.model_copy(update={"lora": settings.lora.model_copy(update={"target_modules": ["no_such_layer"]})})
+    # A batch no machine holds: the ranks' memory check refuses it (after data preparation, which
+    # the flow does before launching, so the failure is the ranks' own).
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2, nproc_per_node=2,
+                                  per_device_train_batch_size=1_000_000)
     # A hang would show as the suite's timeout; the error must be the rank's own.
-    with pytest.raises(TrainingError, match=r"training failed on rank \d \(torchrun exit 1\): ValueError: .*no_such_layer"):
+    with pytest.raises(TrainingError, match=r"training failed on rank \d \(torchrun exit 1\): ConfigError: "
+                                            r"training.per_device_train_batch_size=1000000 x data.max_length=64"):
         train_adapter_flow(settings, run_key="ddp-fail")
+
+
+async def _pause_schedules(name: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(name)
+        for schedule in deployment.schedules:
+            await client.update_deployment_schedule(deployment.id, schedule.id, active=False)
 
 
 # --- deployments: Kubernetes gpu pool, the event trigger ------------------------------------------
@@ -239,8 +251,7 @@ def test_retrain_on_new_data_applies_and_the_data_landed_event_starts_a_run(pref
                                   "--name", "retrain-on-new-data")
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     # No worker runs here; keep the 15-minute schedule from queueing runs for other tests' workers.
-    paused = prefect_server.cli("deployment", "schedule", "pause", "retrain/retrain-on-new-data", "--all")
-    assert paused.returncode == 0, paused.stdout + paused.stderr
+    asyncio.run(_pause_schedules("retrain/retrain-on-new-data"))
 
     async def read():
         async with get_client() as client:
@@ -316,3 +327,116 @@ def test_gc_removes_checkpoints_of_abandoned_runs_after_the_grace_period(s3_serv
     assert "removed checkpoints of 1 failed or abandoned training run(s); kept 1 recent run(s)" in out
     keys = {o["Key"].split("/")[1] for o in Store(settings.storage, bucket).list("checkpoints/")}
     assert keys == {"live-run"}
+
+
+# --- a dead gpu worker ------------------------------------------------------------------------------
+
+def _kill_tree(pid: int) -> list[int]:
+    """SIGKILL a worker and everything it started (its flow-run processes have their own sessions),
+    as when its machine goes away."""
+    import os
+    import signal
+
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            os.killpg(os.getpgid(proc.pid), signal.SIGKILL)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return [p.pid for p in procs]
+
+
+@pytest.mark.slow
+def test_a_killed_gpu_worker_does_not_lose_the_run(prefect_server, s3_server, tiny_model_dir, imdb_data_dir,
+                                                    flow_home, tmp_path):
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from fixtures_prefect import PREFECT_BIN
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from safetensors.torch import load_file
+
+    from loraflow import training
+    from loraflow.registry import pull_adapter
+    from loraflow.storage.store import Store
+
+    prefect_server.cli("work-pool", "create", "gpu", "--type", "process")  # may exist already (other modules)
+    deployed = prefect_server.cli("--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                                  "--name", "train-adapter")
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+
+    bucket = create_bucket(s3_server, "dead-")
+    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, name="imdb-dead",
+                                  max_steps=24, save_steps=2)
+    settings = settings.model_copy(update={
+        "eval": settings.eval.model_copy(update={"max_new_tokens": 4}),
+        "prefect": settings.prefect.model_copy(update={"train_deployment": "train-adapter/train-adapter",
+                                                       "heartbeat_timeout_s": 60, "train_attempts": 3})})
+    reference = training.train_adapter(settings, output_dir=tmp_path / "uninterrupted")
+
+    env = {**prefect_server.env, "AWS_ACCESS_KEY_ID": s3_server.access_key,
+           "AWS_SECRET_ACCESS_KEY": s3_server.secret_key, "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+
+    def start_worker(n: int) -> subprocess.Popen:
+        with open(tmp_path / f"worker-{n}.log", "wb") as fh:
+            return subprocess.Popen([PREFECT_BIN, "worker", "start", "--pool", "gpu", "--type", "process",
+                                     "--name", f"dead-test-{n}"],
+                                    env={**env, "LORAFLOW_HOME": str(tmp_path / f"worker-{n}-home")}, cwd=ROOT,
+                                    stdout=fh, stderr=fh, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    (tmp_path / "settings.json").write_text(settings.model_dump_json())
+    script = ("import json, sys\nfrom loraflow.settings import Settings\nfrom loraflow.flows.retrain import retrain\n"
+              "s = Settings.model_validate_json(open(sys.argv[1]).read())\n"
+              "print('RESULT ' + json.dumps(retrain(s), default=str), flush=True)\n")
+    workers = [start_worker(1)]
+    with open(tmp_path / "retrain.log", "wb") as fh:
+        parent = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "settings.json")], cwd=ROOT,
+                                  env={**env, "LORAFLOW_HOME": str(tmp_path / "cpu-home")}, stdout=fh, stderr=fh,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+    store = Store(settings.storage, bucket)
+    try:
+        # Kill worker 1 and its flow run once a checkpoint is in storage, mid-training.
+        stored: list[int] = []
+        for _ in range(600):
+            stored = [int(m.group(1)) for o in store.list("checkpoints/")
+                      if (m := re.search(r"/checkpoint-(\d+)/manifest\.json$", o["Key"]))]
+            if stored or parent.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert stored and max(stored) < 24, (tmp_path / "retrain.log").read_text()[-3000:]
+        _kill_tree(workers[0].pid)
+        workers[0].wait(30)
+        workers.append(start_worker(2))  # a fresh machine: empty disk
+        parent.wait(600)
+        log = (tmp_path / "retrain.log").read_text()
+        assert parent.returncode == 0, log[-4000:]
+    finally:
+        for proc in [*workers, parent]:
+            if proc.poll() is None:
+                _kill_tree(proc.pid)
+    result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    assert 0 < result["resumed_from_step"] < 24
+    assert result["metrics"]["global_step"] == 24
+    assert "submitting it again with run key" in log
+
+    async def train_runs():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train-adapter"])))
+            return [r for r in runs if r.parameters.get("run_key") == result["flow_run_id"]]
+
+    runs = sorted(asyncio.run(train_runs()), key=lambda r: r.created)
+    assert [r.state.type.value for r in runs] == ["CRASHED", "COMPLETED"]
+    assert "no heartbeat" in runs[0].state.message
+
+    published = load_file(str(pull_adapter(f"imdb-dead=={result['version']}", settings=settings)
+                              / "adapter_model.safetensors"))
+    expected = load_file(str(reference.adapter_dir / "adapter_model.safetensors"))
+    assert published.keys() == expected.keys()
+    for key in expected:
+        assert published[key].allclose(expected[key], rtol=1e-4, atol=1e-7), key
