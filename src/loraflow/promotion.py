@@ -48,8 +48,8 @@ class Interval:
 
     def describe(self) -> str:
         return (f"perplexity ratio {math.exp(self.mean):.4f}, {100 * self.confidence:.0f}% CI "
-                f"[{math.exp(self.low):.4f}, {math.exp(self.high):.4f}] over {self.documents} documents / "
-                f"{self.tokens} tokens")
+                f"[{math.exp(self.low):.4f}, {math.exp(self.high):.4f}] over {self.documents} document chunks / "
+                f"{self.tokens:,} predicted tokens")
 
 
 def paired_bootstrap(losses_a, losses_b, tokens, *, resamples: int = RESAMPLES, confidence: float = CONFIDENCE,
