@@ -14,6 +14,11 @@ from fixtures_prefect import ROOT, tiny_flow_settings
 from fixtures_s3 import create_bucket, s3_settings_for
 
 
+def _quick_eval(settings):
+    """Generation health with 4 new tokens instead of 64: the flow tests measure orchestration."""
+    return settings.model_copy(update={"eval": settings.eval.model_copy(update={"max_new_tokens": 4})})
+
+
 def _flow_run(flow_run_id):
     from prefect.client.orchestration import get_client
 
@@ -90,7 +95,7 @@ def test_unchanged_inputs_skip_force_retrains_changed_data_retrains(
     data = tmp_path / "reviews"
     shutil.copytree(imdb_data_dir, data)
     bucket = create_bucket(s3_server, "skip-")
-    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, data, max_steps=2, save_steps=2)
+    settings = _quick_eval(tiny_flow_settings(s3_server, bucket, tiny_model_dir, data, max_steps=2, save_steps=2))
     first = retrain(settings)
     assert first["promoted"], first["reason"]
     inputs = read_manifest(settings, "imdb-tiny", first["version"])["inputs"]
@@ -131,8 +136,8 @@ def test_train_adapter_flow_runs_two_gloo_processes_and_stages_one_adapter(
     from loraflow.storage.store import Store
 
     bucket = create_bucket(s3_server, "ddp-")
-    settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2, save_steps=2,
-                                  nproc_per_node=2)
+    settings = _quick_eval(tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, max_steps=2,
+                                              save_steps=2, nproc_per_node=2))
     state = train_adapter_flow(settings, run_key="ddp-run", return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -372,7 +377,7 @@ def test_a_killed_gpu_worker_does_not_lose_the_run(prefect_server, s3_server, ti
 
     bucket = create_bucket(s3_server, "dead-")
     settings = tiny_flow_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, name="imdb-dead",
-                                  max_steps=24, save_steps=2)
+                                  max_steps=12, save_steps=2)
     settings = settings.model_copy(update={
         "eval": settings.eval.model_copy(update={"max_new_tokens": 4}),
         "prefect": settings.prefect.model_copy(update={"train_deployment": "train-adapter/train-adapter",
@@ -409,7 +414,7 @@ def test_a_killed_gpu_worker_does_not_lose_the_run(prefect_server, s3_server, ti
             if stored or parent.poll() is not None:
                 break
             time.sleep(0.5)
-        assert stored and max(stored) < 24, (tmp_path / "retrain.log").read_text()[-3000:]
+        assert stored and max(stored) < 12, (tmp_path / "retrain.log").read_text()[-3000:]
         _kill_tree(workers[0].pid)
         workers[0].wait(30)
         workers.append(start_worker(2))  # a fresh machine: empty disk
@@ -421,8 +426,8 @@ def test_a_killed_gpu_worker_does_not_lose_the_run(prefect_server, s3_server, ti
             if proc.poll() is None:
                 _kill_tree(proc.pid)
     result = json.loads(next(line for line in log.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    assert 0 < result["resumed_from_step"] < 24
-    assert result["metrics"]["global_step"] == 24
+    assert 0 < result["resumed_from_step"] < 12
+    assert result["metrics"]["global_step"] == 12
     assert "submitting it again with run key" in log
 
     async def train_runs():
