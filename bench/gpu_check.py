@@ -120,10 +120,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         out = Path(args.keep).resolve() if args.keep else tmp / "out"
-        os.environ["LORAFLOW_HOME"] = str(tmp / "home")
+        train_texts, eval_texts = review_texts()  # from the wheel cache of the current LORAFLOW_HOME
+        os.environ["LORAFLOW_HOME"] = str(tmp / "home")  # a fresh prepared-data cache
         t0 = time.perf_counter()
         model_dir = make_gpt2_model_dir(tmp / "model", args.arch)
-        train_texts, eval_texts = review_texts()
         data_dir = write_reviews(tmp / "data", train_texts, eval_texts)
         settings = load_settings(overrides=[
             f"model.name_or_path={model_dir}", f"data.source={data_dir}", f"data.max_length={args.max_length}",

@@ -34,6 +34,7 @@ product measured in the same run, before and after the steps.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,7 +52,10 @@ RECIPE_STEPS = 1000
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}
 
 
+@functools.lru_cache(maxsize=1)
 def review_texts() -> tuple[list[str], list[str]]:
+    """Read once, from the wheel cache of the LORAFLOW_HOME the process started with (a worker
+    points LORAFLOW_HOME at a scratch directory afterwards, which has no wheels to read)."""
     from loraflow.demo.assets import imdb_sample_rows
 
     clean = lambda t: t.replace("<br />", "\n")  # noqa: E731  (same cleaning for both stacks)
@@ -212,8 +216,9 @@ def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_
     from loraflow.training import train_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
-        os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")
-        settings = loraflow_settings(model_dir, write_reviews(Path(tmp) / "data"), Path(tmp) / "out", max_length,
+        data_dir = write_reviews(Path(tmp) / "data")
+        os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")  # a fresh prepared-data cache
+        settings = loraflow_settings(model_dir, data_dir, Path(tmp) / "out", max_length,
                                      steps, micro_batch, 25 if device == "cuda" else 1)
         prepared = prepare_dataset(settings, AutoTokenizer.from_pretrained(model_dir))
         rows = prepared.train
@@ -234,9 +239,9 @@ def run_recipe(model_dir: Path, max_length: int, micro_batch: int) -> dict:
     from loraflow.training import train_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
+        data_dir = write_reviews(Path(tmp) / "data")
         os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")
-        settings = loraflow_settings(model_dir, write_reviews(Path(tmp) / "data"), Path(tmp) / "out", max_length,
-                                     RECIPE_STEPS, micro_batch, 25)
+        settings = loraflow_settings(model_dir, data_dir, Path(tmp) / "out", max_length, RECIPE_STEPS, micro_batch, 25)
         result = train_adapter(settings)
     return {"final_loss": result.final_loss, "train_time_s": result.train_time_s, "steps": result.global_step}
 
