@@ -240,8 +240,32 @@ def test_a_training_run_reads_well_off_a_terminal(tiny_overrides, tmp_path, monk
     done, total = re.search(r"(\d+)/(\d+)", progress[-1]).groups()
     assert done == total
 
-    prepared = re.search(r"eval (\d+) docs / (\d+) tokens", err).groups()
+    prepared = re.search(r"eval (\d+) docs / ([\d,]+) tokens", err).groups()
     evaluated = re.search(r"on (\d+) documents / ([\d,]+) tokens \(([\d,]+) of them predicted\)", err).groups()
-    assert (evaluated[0], evaluated[1].replace(",", "")) == prepared
+    assert evaluated[:2] == prepared
     table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in proc.stdout.splitlines() if "|" in line}
     assert table["eval tokens (predicted)"] == evaluated[2]
+
+
+def test_a_flow_run_is_one_run_for_repeated_lines():
+    """Every flow enters library_logs_in_prefect; a subflow (train-adapter inside retrain) joins
+    the outer run rather than starting a fresh one."""
+    from loraflow.flows._common import library_logs_in_prefect
+    from loraflow.log import get_logger, log_once
+
+    log = get_logger("test.once")
+    seen: list[int] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.levelno)  # type: ignore[method-assign]
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    try:
+        with library_logs_in_prefect():
+            log_once(log, logging.WARNING, "said once per run: %s", "x")
+            with library_logs_in_prefect():
+                log_once(log, logging.WARNING, "said once per run: %s", "x")
+        with library_logs_in_prefect():
+            log_once(log, logging.WARNING, "said once per run: %s", "x")
+    finally:
+        log.removeHandler(handler)
+    assert seen == [logging.WARNING, logging.DEBUG, logging.WARNING]

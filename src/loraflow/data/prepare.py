@@ -191,8 +191,8 @@ def prepare_dataset(settings: Settings, tokenizer: Any, *, model_max_positions: 
     except OSError:  # someone else finished first: theirs is identical by construction
         shutil.rmtree(tmp, ignore_errors=True)
     loaded = datasets.load_from_disk(str(target))
-    log.info("prepared data in %.1fs -> %s: train %d docs / %d tokens in %d rows (fill %.0f%%), "
-             "eval %d docs / %d tokens", stats["prepare_s"], target, stats["train"]["documents"],
-             stats["train"]["tokens"], stats["train"]["rows"], 100 * stats["train"]["fill"],
-             stats["eval"]["documents"], stats["eval"]["tokens"])
+    log.info("prepared data in %.1f s -> %s: train %d docs / %s tokens in %d rows (fill %.0f%%), "
+             "eval %d docs / %s tokens", stats["prepare_s"], target, stats["train"]["documents"],
+             f"{stats['train']['tokens']:,}", stats["train"]["rows"], 100 * stats["train"]["fill"],
+             stats["eval"]["documents"], f"{stats['eval']['tokens']:,}")
     return PreparedDataset(loaded["train"], loaded["eval"], fingerprint, target, False, stats)
