@@ -194,8 +194,9 @@ def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: in
         f"model.name_or_path={model_dir}", f"data.source={data_dir}", f"data.max_length={max_length}",
         "data.packing=true", f"training.per_device_train_batch_size={micro_batch}",
         f"training.gradient_accumulation_steps={EFFECTIVE_ROWS // micro_batch}", f"training.max_steps={steps}",
-        *([] if steps == RECIPE_STEPS else ["training.warmup_steps=0"]),
-        f"training.logging_steps={logging_steps}", "training.save_strategy=no", f"training.output_dir={out}",
+        # The recipe as it is (warmup 100, checkpoints every 500 steps); short runs skip both.
+        *([] if steps == RECIPE_STEPS else ["training.warmup_steps=0", "training.save_strategy=no"]),
+        f"training.logging_steps={logging_steps}", f"training.output_dir={out}",
     ])
 
 
