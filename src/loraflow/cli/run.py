@@ -56,9 +56,9 @@ def format_summary(result: dict) -> str:
         f"{result['name']}=={result['version']}: {verdict}",
         f"  {result['reason']}",
         f"  location     {result['uri']}",
-        f"  perplexity   base {m.get('base_ppl', float('nan')):.4f} -> adapter {m.get('adapter_ppl', float('nan')):.4f}",
-        f"  training     {m.get('global_step')} steps, {m.get('train_tokens')} tokens, "
-        f"{m.get('train_time_s')} s, {m.get('tokens_per_s')} tokens/s",
+        f"  perplexity   base {m.get('base_ppl', float('nan')):.2f} -> adapter {m.get('adapter_ppl', float('nan')):.2f}",
+        f"  training     {m.get('global_step')} steps, {m.get('train_tokens') or 0:,} tokens, "
+        f"{float(m.get('train_time_s') or 0):.1f} s, {float(m.get('tokens_per_s') or 0):.0f} tokens/s",
         f"  use it       {result['pull_command']}",
     ]
     return "\n".join(lines)

@@ -417,6 +417,9 @@ def mirror_prefix(store: Store, key: str, dest: str | os.PathLike, kind: Kind) -
         return {"etag": obj.get("ETag"), "size": obj["Size"], "sha256": digest}
 
     stale = {rel: obj for rel, obj in listed.items() if not fresh(rel, obj)}
+    if stale:  # the first mirror of a base model can be gigabytes: say so before the wait
+        log.info("downloading %d file(s), %.0f MB, from %s", len(stale),
+                 sum(o["Size"] for o in stale.values()) / 1e6, where)
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="lf-mirror") as pool:
         fetched = {rel: pool.submit(fetch, rel, obj) for rel, obj in stale.items()}
         new_state = {rel: (fetched[rel].result() if rel in fetched else state[rel]) for rel in listed}
