@@ -100,6 +100,8 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
     # One run trains through the gpu pool (run_deployment), the other in-process.
     via_gpu = settings.model_dump(mode="json")
     via_gpu["prefect"]["train_deployment"] = "train-adapter/train-adapter"
+    # On the gpu worker, training runs under torchrun: 2 gloo processes stand in for 2 GPUs.
+    via_gpu["training"]["nproc_per_node"] = 2
     in_process = settings.model_dump(mode="json")
     assert s3_server.secret_key not in json.dumps(in_process)  # credentials never travel as parameters
 
@@ -148,9 +150,22 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
 
     train_runs, logs = asyncio.run(runs_of("train-adapter"))
     # One run trained on the gpu pool (a deployment run started by retrain), the other in-process.
-    trained_on_gpu_pool = [r for r in train_runs if r.work_pool_name == "gpu"]
+    # (Other modules' runs on the same server have other run keys.)
+    trained_on_gpu_pool = [r for r in train_runs if r.work_pool_name == "gpu"
+                           and r.parameters.get("run_key") in {str(i) for i in ids}]
     assert [r.state.type.value for r in trained_on_gpu_pool] == ["COMPLETED"]
     assert trained_on_gpu_pool[0].parent_task_run_id is not None
+
+    async def logs_of(flow_run_id):
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    # Rank 0's progress under torchrun reaches the training run's logs.
+    gpu_logs = [log.message for log in asyncio.run(logs_of(trained_on_gpu_pool[0].id))]
+    assert any("launching 2 training processes" in m for m in gpu_logs)
+    assert any("[default0]" in m and "step 6/6" in m for m in gpu_logs), gpu_logs[-20:]
     # The job env (PREFECT_LOGGING_EXTRA_LOGGERS=loraflow) brings the library's lines to the UI.
     assert any(log.name == "loraflow.registry" for log in logs)
     assert not both_running
