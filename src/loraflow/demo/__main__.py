@@ -113,7 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         result = retrain(settings)
         flow_wall = time.perf_counter() - t
+        if result.get("skipped"):
+            # Nothing changed since the champion was trained (an earlier demo): no GPU time spent.
+            print(f"\n{result['message']} ({flow_wall:.1f} s); `--set registry.force=true` retrains anyway")
+            return 0
         result["pull_command"] = printed_pull_command(result, settings)
+        # The schedule's next run, right away: the change check ends it in seconds, publishing nothing.
+        t = time.perf_counter()
+        again = retrain(settings)
+        skipped_s = time.perf_counter() - t
     except LoraflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -137,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<32} {seconds:7.1f} s  ({100 * seconds / total:4.1f}%)")
     other = total - sum(parts.values())
     print(f"  {'other (imports, S3 server)':<32} {other:7.1f} s  ({100 * other / total:4.1f}%)")
+    if again.get("skipped"):
+        print(f"\na second run right after it: {again['message']} ({skipped_s:.1f} s)")
     return 0
 
 
