@@ -37,7 +37,7 @@ from loraflow.settings import Settings
 from loraflow.tasks.change import change_check_task
 from loraflow.tasks.promote import promote_task
 from loraflow.tasks.publish import publish_task
-from loraflow.tasks.train import fetch_staged_task
+from loraflow.tasks.train import fetch_staged_task, remove_run_scratch
 
 
 def _artifact_key(name: str, what: str) -> str:
@@ -247,6 +247,9 @@ def _retrain(settings: Settings) -> Any:
 
     timings["flow total"] = time.perf_counter() - started
     publish_artifacts(settings, published, decision, train, evaluation, timings)
+    # The version is published and the artifacts hold the loss curve: this machine's scratch for
+    # the run (checkpoints, staged copy) goes. A failed run keeps it, for diagnosis.
+    remove_run_scratch(run_key)
     return {
         **published,
         "flow_run_id": str(flow_run.id),

@@ -28,7 +28,7 @@ from loraflow.settings import Settings
 from loraflow.tasks.evaluate import evaluate_task
 from loraflow.tasks.prepare import prepare_dataset_task
 from loraflow.tasks.promote import evaluate_champion_task, pull_version_task, read_champion_task
-from loraflow.tasks.train import stage_task, train_task
+from loraflow.tasks.train import remove_run_scratch, stage_task, train_task
 
 
 def measure_champion(settings: Settings) -> dict[str, Any]:
@@ -75,4 +75,11 @@ def train_adapter_flow(settings: Settings = seed_settings(), run_key: str | None
         data = {k: data[k] for k in ("fingerprint", "from_cache", "stats")}
         train = {**train, "worker_timings": timings}
         staged = stage_task(settings, run_key, train, {"data": data, "evaluation": evaluation, "champion": champion})
+        from prefect.runtime import deployment
+
+        if deployment.id is not None:
+            # On a worker of its own (the gpu pool): everything the caller needs is staged in
+            # object storage, so this machine's scratch for the run goes. In-process, the caller
+            # still reads it and removes it after publishing.
+            remove_run_scratch(run_key)
         return {**train, "data": data, "evaluation": evaluation, "champion": champion, "staged_uri": staged}

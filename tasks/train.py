@@ -25,6 +25,12 @@ STAGED_LOGS = "final-logs/"
 STAGED_RESULTS = ("data", "evaluation", "champion")
 
 
+def remove_run_scratch(run_key: str) -> None:
+    from loraflow.paths import home
+
+    shutil.rmtree(home() / "runs" / run_key, ignore_errors=True)
+
+
 def run_dir(run_key: str) -> Path:
     from loraflow.paths import cache_dir
 

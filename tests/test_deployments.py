@@ -181,6 +181,6 @@ def test_two_retrains_at_once_run_one_at_a_time_on_real_workers(
     manifests = [read_manifest(settings, "imdb-worker", v["version"]) for v in versions]
     file_sets = [sorted(f["name"] for f in m["files"]) for m in manifests]
     assert file_sets[0] == file_sets[1] == ["README.md", "adapter_config.json", "adapter_model.safetensors",
-                                            "loraflow.yaml", "metrics.json"]
+                                            "loraflow.yaml", "loss_curve.png", "metrics.json"]
     assert {m["base_model"]["id"] for m in manifests} == {str(tiny_model_dir)}
     assert all(m["base_model"]["weights"] for m in manifests)

@@ -88,6 +88,7 @@ def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: s
         f"grad-accum {training.get('gradient_accumulation_steps')}, max_steps {training.get('max_steps')}, "
         f"seed {training.get('seed')}, precision {metrics.get('precision', '?')}",
         "",
+        *(["## Training loss", "", f"![training loss]({metrics['loss_curve']})", ""] if metrics.get("loss_curve") else []),
         "## Metrics",
         "",
         "| metric | value |",

@@ -7,6 +7,7 @@ writes nothing. At the end, `write_release` writes, once, from the results the s
     metrics.json   training and evaluation numbers, base model identity, dataset fingerprint
     loraflow.yaml  the settings that trained it (model, data, lora, training sections)
     README.md      the model card (loraflow.model_card, the one renderer)
+    loss_curve.png the training loss, shown in the card (when training recorded one)
 
 The in-process flow, the gpu-pool flow and `loraflow publish DIR` all go through here, so they
 publish the same set of files.
@@ -25,7 +26,8 @@ from loraflow.model_card import render_model_card
 METRICS_FILE = "metrics.json"
 SETTINGS_SNAPSHOT = "loraflow.yaml"
 MODEL_CARD = "README.md"
-WRITTEN = (METRICS_FILE, SETTINGS_SNAPSHOT, MODEL_CARD)
+LOSS_CURVE = "loss_curve.png"
+WRITTEN = (METRICS_FILE, SETTINGS_SNAPSHOT, MODEL_CARD, LOSS_CURVE)
 
 # What training results carry into metrics.json (paths on the training machine stay out).
 TRAIN_KEYS = ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "final_loss", "session_tokens",
@@ -89,6 +91,12 @@ def write_release(adapter_dir: str | Path, dest: str | Path | None = None, *, se
         config = json.loads(files["adapter_config.json"].read_text())
         metrics["base_model"] = config.get("base_model_name_or_path")
 
+    curve = Path(train["loss_curve_path"]) if train and train.get("loss_curve_path") else None
+    if curve is not None and curve.is_file():
+        shutil.copyfile(curve, dest / LOSS_CURVE)
+    elif LOSS_CURVE in files and dest != src:
+        shutil.copyfile(files[LOSS_CURVE], dest / LOSS_CURVE)
+    metrics["loss_curve"] = LOSS_CURVE if (dest / LOSS_CURVE).is_file() else None
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if snapshot:
         (dest / SETTINGS_SNAPSHOT).write_text(yaml.safe_dump(snapshot, sort_keys=False))

@@ -54,7 +54,6 @@ def printed_pull_command(result: dict, settings) -> str:
 
 def describe_outputs(result: dict, settings) -> None:
     """Where the demo's results are, and the generations the model card holds, side by side."""
-    from loraflow.paths import cache_dir
     from loraflow.registry import pull_adapter
 
     if not result.get("version"):
@@ -63,9 +62,8 @@ def describe_outputs(result: dict, settings) -> None:
     print(f"\nthe version, verified, in the local cache: {folder}")
     print(f"  model card   {folder / 'README.md'}")
     print(f"  metrics      {folder / 'metrics.json'}")
-    curve = cache_dir("runs") / str(result.get("flow_run_id")) / "loss_curve.png"
-    if curve.is_file():
-        print(f"  loss curve   {curve}")
+    if (folder / "loss_curve.png").is_file():
+        print(f"  loss curve   {folder / 'loss_curve.png'}")
     metrics = json.loads((folder / "metrics.json").read_text())
     gens = metrics.get("generations") or []
     if gens:

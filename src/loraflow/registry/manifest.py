@@ -18,7 +18,8 @@ from loraflow.storage.transfer import validate_manifest as validate_files
 
 # metrics.json keys that the manifest keeps in its own sections (base_model, dataset) or leaves to
 # the model card (generations).
-NOT_METRICS = ("generations", "base_model", "base_model_revision", "dataset_source", "dataset_fingerprint")
+NOT_METRICS = ("generations", "base_model", "base_model_revision", "dataset_source", "dataset_fingerprint",
+               "loss_curve")
 SCHEMA = 2  # 2: base_model is {id, revision, weights}
 # Keys publish owns; `extra` cannot overwrite them.
 PROTECTED = ("schema", "name", "version", "created_at", "files")

@@ -48,8 +48,8 @@ Kind = Literal["adapter", "checkpoint", "model", "data", "logs"]
 # Which files each kind of directory may hold, up and down.
 ALLOWED_SUFFIXES: dict[str, tuple[str, ...]] = {
     # PEFT adapter (adapter_config.json, adapter_model.safetensors), model card, metrics.json,
-    # the settings snapshot (loraflow.yaml), tokenizer files saved beside an adapter.
-    "adapter": (".safetensors", ".json", ".md", ".yaml", ".txt", ".jinja"),
+    # the settings snapshot (loraflow.yaml), the loss curve the card shows, tokenizer files.
+    "adapter": (".safetensors", ".json", ".md", ".yaml", ".png", ".txt", ".jinja"),
     # What Trainer saves for a PEFT model, minus training_args.bin (never read back, a full pickle).
     "checkpoint": (".safetensors", ".json", ".md", ".pt", ".pth"),
     # A transformers model directory: safetensors weights, configs, tokenizer files. No .py (remote
