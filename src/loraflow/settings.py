@@ -83,7 +83,10 @@ class LoraSettings(_Section):
 
 
 class TrainingSettings(_Section):
-    output_dir: PathSetting = "./lora-dialogpt"
+    output_dir: PathSetting = Field(
+        "./lora-dialogpt", description="Where `loraflow train` writes checkpoints and the adapter. Flow runs use "
+                                       "LORAFLOW_HOME/runs/<flow run id> instead, removed after a successful publish "
+                                       "(the result is the published version).")
     num_train_epochs: float = Field(1, gt=0)
     per_device_train_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
