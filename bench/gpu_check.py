@@ -28,9 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from train_throughput import EFFECTIVE_ROWS, eval_loss, review_texts  # noqa: E402
+# Run as a script (`python bench/gpu_check.py`), so its own folder is already first on the path.
+from train_throughput import EFFECTIVE_ROWS, eval_loss, review_texts
 
 NO_CUDA_EXIT = 3
 
