@@ -75,9 +75,10 @@ def train_adapter_flow(settings: Settings = seed_settings(), run_key: str | None
         data = {k: data[k] for k in ("fingerprint", "from_cache", "stats")}
         train = {**train, "worker_timings": timings}
         staged = stage_task(settings, run_key, train, {"data": data, "evaluation": evaluation, "champion": champion})
-        from prefect.runtime import deployment
+        from prefect.context import FlowRunContext
 
-        if deployment.id is not None:
+        context = FlowRunContext.get()
+        if context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None:
             # On a worker of its own (the gpu pool): everything the caller needs is staged in
             # object storage, so this machine's scratch for the run goes. In-process, the caller
             # still reads it and removes it after publishing.

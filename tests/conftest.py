@@ -54,6 +54,9 @@ def cli(monkeypatch, capsys):
             for handler in getattr(logger, "handlers", []):
                 if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
                     handler.stream = sys.stderr  # not setStream: it flushes the closed one
+                console = getattr(handler, "console", None)  # Prefect's handler prints through rich
+                if console is not None and getattr(console.file, "closed", False):
+                    console.file = sys.stderr
         code = main(list(argv))
         out = capsys.readouterr()
         return code, out.out, out.err

@@ -31,7 +31,7 @@ async def _pause_schedules(name: str) -> None:
 @pytest.fixture(scope="module")
 def applied_deployments(prefect_server):
     for pool in ("cpu", "gpu"):
-        created = prefect_server.cli("work-pool", "create", pool, "--type", "process")
+        created = prefect_server.cli("work-pool", "create", pool, "--type", "process", "--overwrite")
         assert created.returncode == 0, created.stdout + created.stderr
     deployed = prefect_server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
