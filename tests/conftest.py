@@ -41,22 +41,31 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return make_gpt2_model_dir(tmp_path_factory.mktemp("tiny-gpt2"), "tiny")
 
 
+def repoint_stale_log_handlers() -> None:
+    """Libraries (datasets, transformers, Prefect's console handler) bind their log handlers to the
+    sys.stderr of the moment; in one pytest process that is an earlier test's closed capture. A
+    real process has one stderr for its life, so point stale handlers at the current one."""
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
+                handler.stream = sys.stderr  # not setStream: it flushes the closed one
+            console = getattr(handler, "console", None)  # Prefect's handler prints through rich
+            if console is not None and getattr(console.file, "closed", False):
+                console.file = sys.stderr
+
+
+@pytest.fixture(autouse=True)
+def _current_log_streams():
+    repoint_stale_log_handlers()
+
+
 @pytest.fixture
 def cli(monkeypatch, capsys):
     """Run the `loraflow` CLI in-process; returns (exit code, stdout, stderr)."""
     from loraflow.cli import main
 
     def run(*argv: str):
-        # Libraries (datasets, transformers) bind their log handlers to the sys.stderr of the moment;
-        # in one pytest process that is an earlier test's closed capture. A real CLI process has one
-        # stderr for its life, so point stale handlers at the current one.
-        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-            for handler in getattr(logger, "handlers", []):
-                if isinstance(handler, logging.StreamHandler) and getattr(handler.stream, "closed", False):
-                    handler.stream = sys.stderr  # not setStream: it flushes the closed one
-                console = getattr(handler, "console", None)  # Prefect's handler prints through rich
-                if console is not None and getattr(console.file, "closed", False):
-                    console.file = sys.stderr
+        repoint_stale_log_handlers()
         code = main(list(argv))
         out = capsys.readouterr()
         return code, out.out, out.err
