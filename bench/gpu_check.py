@@ -29,18 +29,9 @@ import time
 from pathlib import Path
 
 # Run as a script (`python bench/gpu_check.py`), so its own folder is already first on the path.
-from train_throughput import EFFECTIVE_ROWS, eval_loss, review_texts
+from train_throughput import EFFECTIVE_ROWS, eval_loss, review_texts, write_reviews
 
 NO_CUDA_EXIT = 3
-
-
-def write_reviews(data_dir: Path, train: list[str], test: list[str]) -> Path:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for split, texts in (("train", train), ("test", test)):
-        with open(data_dir / f"{split}.jsonl", "w") as f:
-            for t in texts:
-                f.write(json.dumps({"text": t}) + "\n")
-    return data_dir
 
 
 def packed_vs_alone(model_dir: Path, precision, device: str, rows: list[dict], eos: int) -> float:

@@ -200,8 +200,10 @@ def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: in
     ])
 
 
-def write_reviews(data_dir: Path) -> Path:
-    train_texts, eval_texts = review_texts()
+def write_reviews(data_dir: Path, train_texts: list[str] | None = None, eval_texts: list[str] | None = None) -> Path:
+    """The reviews as a train/test jsonl folder loraflow reads (default: the real reviews)."""
+    if train_texts is None or eval_texts is None:
+        train_texts, eval_texts = review_texts()
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, texts in (("train", train_texts), ("test", eval_texts)):
         with open(data_dir / f"{split}.jsonl", "w") as f:

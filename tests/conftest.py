@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from loraflow.demo.tiny_models import make_gpt2_model_dir
 
     return make_gpt2_model_dir(tmp_path_factory.mktemp("tiny-gpt2"), "tiny")
+
+
+def wait_for(predicate, timeout: float = 30.0, step: float = 0.05) -> bool:
+    """Poll `predicate` until it is true or `timeout` passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
 
 
 def repoint_stale_log_handlers() -> None:

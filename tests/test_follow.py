@@ -7,20 +7,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 
 import pytest
 
+from conftest import wait_for
 from fixtures_s3 import make_adapter_dir
 
 
-def wait_for(predicate, timeout: float = 30.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
 
 
 @pytest.fixture(scope="module")

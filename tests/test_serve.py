@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_for as _wait_for
 from fixtures_s3 import make_adapter_dir, registry_env
 
 pytestmark = pytest.mark.slow
@@ -26,12 +26,7 @@ POLL_S = 0.2
 
 
 def wait_for(predicate, timeout: float = 60.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
+    return _wait_for(predicate, timeout, step)
 
 
 def canary_ppl(model_dir: Path, adapter_dir: Path) -> float:
