@@ -260,6 +260,27 @@ def test_cli_publish_versions_promote_pull_gc(cli, s3_server, s3_bucket, tiny_ad
     assert code == 0 and out.startswith("removed 0 incomplete version(s)")
 
 
+def test_cli_versions_json_shows_the_base_model_of_both_manifest_schemas(cli, s3_server, s3_bucket, s3_settings,
+                                                                           tiny_adapter_dir):
+    """`versions --json` names the logical base model: schema 2 records {id, revision, weights},
+    schema-1 manifests (still in buckets) recorded `name_or_path`."""
+    identity = {"id": "org/base-model", "revision": "0123abc", "weights": {"model.safetensors": "0" * 64}}
+    new = publish_adapter(s3_settings, tiny_adapter_dir, name="imdb", train={"base_model_identity": identity})
+    old = publish_adapter(s3_settings, tiny_adapter_dir, name="imdb")
+    # Rewrite the second version's manifest as schema 1 wrote it (the manifest is not in its own list).
+    path = s3_server.root / s3_bucket / f"adapters/imdb/versions/{old.version}/manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["schema"] = 1
+    manifest["base_model"] = {"name_or_path": "org/old-base", "revision": None}
+    path.write_text(json.dumps(manifest))
+
+    code, out, err = cli("versions", "imdb", "--json", *_storage_args(s3_server, s3_bucket))
+    assert code == 0, err
+    rows = {r["version"]: r for r in json.loads(out)}
+    assert (rows[new.version]["base_model"], rows[new.version]["base_model_revision"]) == ("org/base-model", "0123abc")
+    assert (rows[old.version]["base_model"], rows[old.version]["base_model_revision"]) == ("org/old-base", None)
+
+
 def _one_line_error(cli, *argv) -> str:
     code, out, err = cli(*argv)
     assert code != 0

@@ -113,9 +113,20 @@ def complete_versions(store: Store, layout: Layout) -> list[str]:
     return sorted(versions)
 
 
+def base_model_of(manifest: dict) -> dict:
+    """A manifest's base model as {id, revision, weights}. Schema 2 writes exactly that; schema-1
+    manifests (still in buckets, never rewritten) named the id `name_or_path`. Here, not in
+    registry.pull (which has the same rule for load_adapter): pull imports this module."""
+    base = dict(manifest.get("base_model") or {})
+    if not base.get("id") and base.get("name_or_path"):
+        base["id"] = base.pop("name_or_path")
+    return {"id": base.get("id"), "revision": base.get("revision"), "weights": base.get("weights")}
+
+
 def list_versions(settings, name: str) -> list[dict]:
     """One dict per complete version, oldest first: version, created_at, metrics, aliases,
-    base_model, size (bytes), dataset fingerprint."""
+    base_model (the logical id: hub id or s3:// URI), base_model_revision, size (bytes), dataset
+    fingerprint."""
     store, layout = open_registry(settings, name)
     store.check_bucket()
     versions = complete_versions(store, layout)
@@ -124,12 +135,14 @@ def list_versions(settings, name: str) -> list[dict]:
         manifests = list(pool.map(lambda v: fetch_manifest(store, layout, v), versions))
     out = []
     for version, manifest in zip(versions, manifests):
+        base = base_model_of(manifest)
         out.append({
             "version": version,
             "created_at": manifest.get("created_at"),
             "aliases": sorted(a for a, v in aliases.items() if v == version),
             "metrics": manifest.get("metrics") or {},
-            "base_model": (manifest.get("base_model") or {}).get("name_or_path"),
+            "base_model": base.get("id"),
+            "base_model_revision": base.get("revision"),
             "dataset_fingerprint": (manifest.get("dataset") or {}).get("fingerprint"),
             "size": sum(f["size"] for f in manifest["files"]),
             "flow_run_id": manifest.get("flow_run_id"),
