@@ -24,7 +24,7 @@ export PREFECT_LOGGING_EXTRA_LOGGERS=loraflow PREFECT_LOGGING_TO_API_WHEN_MISSIN
 export PREFECT_HOME="$RUN_DIR/prefect-home"           # this stack's database, not ~/.prefect
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
 # The local store's own key pair (generated once, LORAFLOW_HOME/s3-credentials.json, mode 0600).
-read -r LOCAL_KEY LOCAL_SECRET < <("$PY" -c "from loraflow.demo.s3server import local_credentials; print(*local_credentials())")
+read -r LOCAL_KEY LOCAL_SECRET < <("$PY" -c "from loraflow.storage.local import local_credentials; print(*local_credentials())")
 export AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-$LOCAL_KEY}
 export AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-$LOCAL_SECRET}
 export LORAFLOW_STORAGE__ENDPOINT_URL="http://127.0.0.1:$S3_PORT"
@@ -52,7 +52,7 @@ wait_for() {  # wait_for WHAT SECONDS CMD...
 }
 
 mkdir -p "$S3_ROOT/$S3_BUCKET" "$PREFECT_HOME"
-RCLONE=$("$PY" -c "from loraflow.demo.s3server import find_rclone; print(find_rclone())")
+RCLONE=$("$PY" -c "from loraflow.storage.local import find_rclone; print(find_rclone())")
 start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" \
   --auth-key "$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY" --config /dev/null --dir-cache-time 1s
 wait_for "S3 server on :$S3_PORT" 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $S3_PORT), 1)"

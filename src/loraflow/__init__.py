@@ -16,10 +16,14 @@ def __getattr__(name: str):
         from loraflow.settings import load_settings
 
         return load_settings
-    if name in ("pull_adapter", "load_adapter"):
-        from loraflow.registry import pull
+    if name == "pull_adapter":
+        from loraflow.registry.pull import pull_adapter
 
-        return getattr(pull, name)
+        return pull_adapter
+    if name == "load_adapter":
+        from loraflow.adapters import load_adapter
+
+        return load_adapter
     if name == "follow":
         from loraflow.follow import follow
 

@@ -56,8 +56,10 @@ def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> P
     """Merge `ref`'s adapter into its (verified) base model and write it to `dest`."""
     import torch
 
+    from loraflow.adapters import load_adapter
     from loraflow.registry.layout import parse_ref
-    from loraflow.registry.pull import base_identity, load_adapter, pull_adapter
+    from loraflow.registry.manifest import base_identity
+    from loraflow.registry.pull import pull_adapter
     from loraflow.serving.model import base_tokenizer
     from loraflow.storage.transfer import MANIFEST, place_atomically
 

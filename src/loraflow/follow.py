@@ -73,7 +73,7 @@ class Follower:
     def alias_target(self) -> str | None:
         """The version the alias points at, or None when it does not exist. Costs one HEAD when
         the alias is unchanged since the last read."""
-        from loraflow.registry.aliases import read_alias
+        from loraflow.registry.alias_object import read_alias
 
         head = self.store.head(self.key)
         if head is None:

@@ -32,9 +32,16 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    import uvicorn
-
     from loraflow.errors import ConfigError
+
+    try:
+        # loraflow.serving imports these only once the app is built: ask here, for one clear line.
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        raise ConfigError(f"loraflow serve needs the serve extra ({exc.name} is missing): "
+                          "pip install 'loraflow[serve]'") from None
     from loraflow.log import get_logger
     from loraflow.serving.app import create_app
     from loraflow.serving.service import ServeOptions, Service

@@ -27,9 +27,8 @@ def register(sub) -> None:
 
 
 def _serve(args) -> int:
-    from loraflow.demo.s3server import LocalS3Server, local_credentials
     from loraflow.paths import ensure_dir
-    from loraflow.demo.s3server import local_root
+    from loraflow.storage.local import LocalS3Server, local_credentials, local_root
 
     settings = settings_from_args(args)
     root = ensure_dir(args.root, "--root") if args.root else local_root()
@@ -53,7 +52,7 @@ def _serve(args) -> int:
 
 
 def _env(args) -> int:
-    from loraflow.demo.s3server import local_credentials
+    from loraflow.storage.local import local_credentials
 
     access, secret = local_credentials()
     # Asked for explicitly, like `aws configure export-credentials`: a loopback-only key of this machine.

@@ -3,7 +3,8 @@ compare-and-swap, and a verified pull client for downstream services.
 
 Modules: layout (keys and names), manifest, publish, aliases (CAS), history (alias moves), catalog
 (read / promote / rollback), pull, gc. Every transfer goes through loraflow.storage. Importing this
-package is cheap; boto3, torch and peft load when a function needs them.
+package is cheap (boto3 loads when a function needs it), and nothing here imports torch,
+transformers, peft or Prefect: loading an adapter onto a model is loraflow.adapters.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from loraflow.registry.catalog import (
 )
 from loraflow.registry.gc import GcReport, gc_adapter
 from loraflow.registry.publish import PublishedVersion, publish_adapter
-from loraflow.registry.pull import load_adapter, pull_adapter
+from loraflow.registry.pull import pull_adapter
 
 __all__ = [
     "ANY", "AliasConflictError", "GcReport", "PublishedVersion", "alias_history", "gc_adapter", "get_alias",
-    "list_versions", "load_adapter", "publish_adapter", "pull_adapter", "read_manifest", "rollback_alias",
+    "list_versions", "publish_adapter", "pull_adapter", "read_manifest", "rollback_alias",
     "set_alias",
 ]

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 
 from loraflow.errors import ConfigError, StorageError
 from loraflow.log import get_logger
+from loraflow.registry.alias_object import read_alias
 from loraflow.registry.history import append_event, default_actor, move_event
 from loraflow.registry.layout import Layout, check_name, check_version
 from loraflow.registry.manifest import now_iso
@@ -101,16 +102,6 @@ def _probe(store: Store) -> str:
         except StorageError:
             pass
     return "conditional" if refused == 2 else "lock"
-
-
-def read_alias(store: Store, layout: Layout, alias: str) -> tuple[dict, str] | None:
-    got = store.get_json(layout.alias_key(alias))
-    if got is None:
-        return None
-    doc, etag = got
-    if not isinstance(doc, dict) or not isinstance(doc.get("version"), str):
-        raise StorageError(f"{layout.uri(layout.alias_key(alias))}: not an alias object")
-    return doc, etag
 
 
 def current_version(store: Store, layout: Layout, alias: str) -> str | None:

@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from loraflow.registry.alias_object import read_alias
 from loraflow.registry.layout import Layout, check_name
 from loraflow.storage.store import Store
 
@@ -60,8 +61,6 @@ def move_event(layout: Layout, alias: str, doc: dict[str, Any]) -> dict[str, Any
 
 def read_history(store: Store, layout: Layout, alias: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The alias's moves, newest first (at most `limit`)."""
-    from loraflow.registry.aliases import read_alias
-
     prefix = history_prefix(layout, alias)
     keys = sorted((obj["Key"] for obj in store.list(prefix)), reverse=True)
     if limit is not None:

@@ -86,3 +86,12 @@ def validate_manifest(manifest: Any, where: str) -> dict:
     if not set(REQUIRED_FILES) <= names:
         raise IntegrityError(f"{where}: manifest lacks adapter_model.safetensors or adapter_config.json")
     return manifest
+
+
+def base_identity(manifest: dict) -> dict:
+    """The manifest's base model as {id, revision, weights}; schema-1 manifests named it
+    `name_or_path` and recorded no weight hashes."""
+    base = dict(manifest.get("base_model") or {})
+    if "id" not in base and "name_or_path" in base:
+        base["id"] = base.pop("name_or_path")
+    return base

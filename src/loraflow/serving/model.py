@@ -84,8 +84,9 @@ def base_tokenizer(manifest: dict, settings):
     id, local directory, or the `s3://` mirror in this host's cache)."""
     from transformers import AutoTokenizer
 
+    from loraflow.adapters import modeling_settings
     from loraflow.modeling import resolve_model_source
-    from loraflow.registry.pull import base_identity, modeling_settings
+    from loraflow.registry.manifest import base_identity
 
     base = base_identity(manifest)
     if not base.get("id"):
@@ -99,7 +100,7 @@ def base_tokenizer(manifest: dict, settings):
 
 
 def same_base(a: dict, b: dict) -> bool:
-    from loraflow.registry.pull import base_identity
+    from loraflow.registry.manifest import base_identity
 
     x, y = base_identity(a), base_identity(b)
     return (x.get("id"), x.get("revision"), x.get("weights") or None) == \

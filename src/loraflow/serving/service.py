@@ -184,7 +184,7 @@ class Service:
 
     # --- describing ----------------------------------------------------------------------------
     def describe(self) -> dict:
-        from loraflow.registry.pull import base_identity
+        from loraflow.registry.manifest import base_identity
 
         active: Loaded | None = self.holder.active
         base = base_identity(active.manifest) if active else {}

@@ -97,7 +97,7 @@ def make_client(storage: StorageSettings):
         response_checksum_validation="when_required",
     )
     if uses_local_store(storage):
-        from loraflow.demo.s3server import embedded_server
+        from loraflow.storage.local import embedded_server
 
         server = embedded_server(storage.bucket)
         return boto3.session.Session().client(
