@@ -303,36 +303,53 @@ def test_retrain_on_new_data_applies_and_the_data_landed_event_starts_a_run(pref
 # --- checkpoints of abandoned runs ------------------------------------------------------------------
 
 def test_gc_removes_checkpoints_of_abandoned_runs_after_the_grace_period(s3_server, cli, tmp_path):
+    """`gc A` removes A's abandoned runs only: B's stay, and so do runs checkpointed before the
+    adapter name was recorded (reported, since gc cannot know whose they are)."""
     import os
+    from types import SimpleNamespace
 
     from loraflow import checkpoints
     from loraflow.storage.store import Store
 
     bucket = create_bucket(s3_server, "ckgc-")
     settings = s3_settings_for(s3_server, bucket)
-    local = tmp_path / "checkpoint-2"
-    local.mkdir()
+    out_dir = tmp_path / "out"
+    local = out_dir / "checkpoint-2"
+    local.mkdir(parents=True)
     (local / "adapter_model.safetensors").write_bytes(b"\0" * 64)
     (local / "trainer_state.json").write_text("{}")
-    for run_key in ("dead-run", "live-run"):
-        checkpoints.upload_dir(settings.storage, local, checkpoints.run_prefix(settings.storage, run_key)
-                               + "checkpoint-2/", step=2, run_key=run_key)
-    # rclone reports a file's mtime as LastModified: the dead run last wrote two days ago.
+    runs = {"a-dead": "adapter-a", "a-live": "adapter-a", "b-dead": "adapter-b", "old-dead": None}
+    for run_key, adapter in runs.items():
+        # What Trainer's on_save hands the callback that training registers.
+        callback = checkpoints.checkpoint_upload_callback(settings.storage, run_key, adapter_name=adapter)
+        callback.on_save(SimpleNamespace(output_dir=str(out_dir)),
+                         SimpleNamespace(global_step=2, is_world_process_zero=True), None)
+    # rclone reports a file's mtime as LastModified: the dead runs last wrote two days ago.
     two_days_ago = time.time() - 2 * 86400
-    for path in (s3_server.root / bucket / "checkpoints" / "dead-run").rglob("*"):
-        os.utime(path, (two_days_ago, two_days_ago))
+    for run_key in ("a-dead", "b-dead", "old-dead"):
+        for path in (s3_server.root / bucket / "checkpoints" / run_key).rglob("*"):
+            os.utime(path, (two_days_ago, two_days_ago))
     time.sleep(1.5)  # rclone's directory cache (1 s)
     args = ["--set", f"storage.bucket={bucket}", "--set", f"storage.endpoint_url={s3_server.endpoint_url}"]
 
-    code, out, err = cli("gc", "any-adapter", "--dry-run", *args)
+    def stored() -> set[str]:
+        return {o["Key"].split("/")[1] for o in Store(settings.storage, bucket).list("checkpoints/")}
+
+    code, out, err = cli("gc", "adapter-a", "--dry-run", *args)
     assert code == 0, err
-    assert "would remove checkpoints of 1 failed or abandoned training run(s); kept 1 recent run(s)" in out
-    assert "  checkpoints/dead-run/  3 objects" in out
-    code, out, err = cli("gc", "any-adapter", *args)
+    assert "would remove checkpoints of 1 failed or abandoned training run(s) of adapter-a; kept 1 recent run(s)" in out
+    assert "  checkpoints/a-dead/  3 objects" in out
+    assert "left 1 abandoned run(s) whose checkpoints name no adapter" in out and "  checkpoints/old-dead/" in out
+    assert "b-dead" not in out
+    code, out, err = cli("gc", "adapter-a", *args)
     assert code == 0, err
-    assert "removed checkpoints of 1 failed or abandoned training run(s); kept 1 recent run(s)" in out
-    keys = {o["Key"].split("/")[1] for o in Store(settings.storage, bucket).list("checkpoints/")}
-    assert keys == {"live-run"}
+    assert "removed checkpoints of 1 failed or abandoned training run(s) of adapter-a; kept 1 recent run(s)" in out
+    assert stored() == {"a-live", "b-dead", "old-dead"}
+    time.sleep(1.5)
+    code, out, err = cli("gc", "adapter-b", *args)
+    assert code == 0, err
+    assert "removed checkpoints of 1 failed or abandoned training run(s) of adapter-b; kept 0 recent run(s)" in out
+    assert stored() == {"a-live", "old-dead"}
 
 
 # --- a dead gpu worker ------------------------------------------------------------------------------

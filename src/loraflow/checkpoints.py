@@ -2,9 +2,16 @@
 
 Layout under `s3://BUCKET/PREFIX/checkpoints/<run key>/`:
     checkpoint-N/<files>            what transformers' Trainer wrote (minus training_args.bin)
-    checkpoint-N/manifest.json      the storage layer's manifest (+ step, run key), written LAST
+    checkpoint-N/manifest.json      the storage layer's manifest (+ step, run key, adapter name),
+                                    written LAST
     final/<files> + manifest.json   the finished adapter's PEFT files, staged for the next steps,
-                                    with the training result in its manifest
+                                    with the training result (and adapter name) in its manifest
+
+The run key is the flow run id, which says nothing about the adapter, so each manifest records
+`adapter_name`: that is how `loraflow gc NAME` tells NAME's abandoned runs from other adapters'.
+Recording it in the manifests, rather than moving runs under `checkpoints/<adapter>/<run key>/`,
+keeps the layout: a run checkpointed before this change still resumes where it is, and only its
+garbage collection differs (it names no adapter, so `gc NAME` leaves it alone and reports it).
 
 Transfers go through `loraflow.storage.transfer`: a directory without a manifest is an interrupted
 upload and is ignored; on download every file is checked against the manifest before anything
@@ -25,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from loraflow.errors import StorageError
+from loraflow.errors import IntegrityError, StorageError
 from loraflow.log import get_logger
 from loraflow.storage.client import parse_s3_uri
 from loraflow.storage.store import Store
@@ -93,8 +100,10 @@ def delete_run(storage: StorageSettings, run_key: str) -> int:
     return len(keys)
 
 
-def checkpoint_upload_callback(storage: StorageSettings, run_key: str):
-    """A transformers `TrainerCallback` whose `on_save` uploads `checkpoint-<step>` of the run.
+def checkpoint_upload_callback(storage: StorageSettings, run_key: str, adapter_name: str | None = None):
+    """A transformers `TrainerCallback` whose `on_save` uploads `checkpoint-<step>` of the run,
+    recording `adapter_name` (settings.registry.adapter_name) in each checkpoint's manifest so that
+    `gc NAME` can tell whose run it is; without it, gc never removes the run by name.
 
     Built by a function so importing this module does not import transformers."""
     from transformers import TrainerCallback
@@ -108,7 +117,8 @@ def checkpoint_upload_callback(storage: StorageSettings, run_key: str):
                 log.warning("checkpoint %s not found after save; nothing uploaded", local)
                 return control
             uri = run_prefix(storage, run_key) + f"checkpoint-{state.global_step}/"
-            upload_dir(storage, local, uri, step=state.global_step, run_key=run_key)
+            owner = {"adapter_name": adapter_name} if adapter_name else {}
+            upload_dir(storage, local, uri, step=state.global_step, run_key=run_key, **owner)
             log.info("checkpoint step %d uploaded to %s", state.global_step, uri)
             return control
 
@@ -121,13 +131,17 @@ class AbandonedRun:
     objects: int
     bytes: int
     idle_s: float  # seconds since the run last wrote anything
+    # What the run's newest manifest that records one says; None: checkpointed before loraflow
+    # recorded it, by a caller that did not pass it, or no upload of the run completed.
+    adapter_name: str | None = None
 
 
-def abandoned_runs(storage: StorageSettings, grace_seconds: float) -> tuple[list[AbandonedRun], list[str]]:
-    """Runs under `checkpoints/` that wrote nothing for `grace_seconds`, and the run keys still
-    within it. A finished run's folder is deleted by the flow after publishing, so what stays and
-    goes quiet belongs to a run that failed or was abandoned (a dead worker never resubmitted). The
-    grace period must exceed the time between two checkpoints of a live run."""
+def abandoned_runs(storage: StorageSettings, grace_seconds: float) -> tuple[list[AbandonedRun], list[AbandonedRun]]:
+    """Runs under `checkpoints/` that wrote nothing for `grace_seconds`, and the runs still within
+    it, each with the adapter its manifests record. A finished run's folder is deleted by the flow
+    after publishing, so what stays and goes quiet belongs to a run that failed or was abandoned (a
+    dead worker never resubmitted). The grace period must exceed the time between two checkpoints
+    of a live run."""
     from datetime import datetime, timezone
 
     prefix = storage.prefix.strip("/")
@@ -140,8 +154,21 @@ def abandoned_runs(storage: StorageSettings, grace_seconds: float) -> tuple[list
     stale, recent = [], []
     for run_key, objs in sorted(groups.items()):
         idle = (now - max(o["LastModified"] for o in objs)).total_seconds()
-        if idle < grace_seconds:
-            recent.append(run_key)
-        else:
-            stale.append(AbandonedRun(run_key, len(objs), sum(o["Size"] for o in objs), idle))
+        run = AbandonedRun(run_key, len(objs), sum(o["Size"] for o in objs), idle, _recorded_adapter(store, objs))
+        (recent if idle < grace_seconds else stale).append(run)
     return stale, recent
+
+
+def _recorded_adapter(store: Store, objs: list[dict]) -> str | None:
+    """The adapter name in the run's newest manifest that has one (final-logs/ may not)."""
+    manifests = sorted((o for o in objs if o["Key"].endswith("/" + MANIFEST)), key=lambda o: o["LastModified"],
+                       reverse=True)
+    for obj in manifests:
+        try:
+            got = store.get_json(obj["Key"])
+        except IntegrityError:
+            continue  # a torn or foreign manifest names nobody: gc by name then leaves the run alone
+        name = got[0].get("adapter_name") if got and isinstance(got[0], dict) else None
+        if isinstance(name, str) and name:
+            return name
+    return None

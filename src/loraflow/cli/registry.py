@@ -68,8 +68,8 @@ def register(sub) -> None:
                          "(default: registry.gc_keep_champions)")
     gc.add_argument("--dry-run", action="store_true", help="list what would go, delete nothing")
     gc.add_argument("--checkpoint-grace", type=float, metavar="SECONDS",
-                    help="also remove training checkpoints of runs idle this long (failed or abandoned runs; "
-                         "default: registry.gc_checkpoint_grace_seconds)")
+                    help="also remove training checkpoints of NAME's runs idle this long (failed or abandoned "
+                         "runs; default: registry.gc_checkpoint_grace_seconds)")
     add_settings_args(gc)
     gc.set_defaults(handler=_gc)
 
@@ -247,8 +247,15 @@ def _gc(args) -> int:
 def _gc_checkpoints(args, verb: str) -> None:
     from loraflow.registry.gc import gc_checkpoints
 
-    report = gc_checkpoints(settings_from_args(args), grace_seconds=args.checkpoint_grace, dry_run=args.dry_run)
-    print(f"{verb} checkpoints of {len(report.removed_runs)} failed or abandoned training run(s); "
+    report = gc_checkpoints(settings_from_args(args), args.name, grace_seconds=args.checkpoint_grace,
+                            dry_run=args.dry_run)
+    print(f"{verb} checkpoints of {len(report.removed_runs)} failed or abandoned training run(s) of {args.name}; "
           f"kept {len(report.kept_recent)} recent run(s)")
     for run in report.removed_runs:
         print(f"  checkpoints/{run['run_key']}/  {run['objects']} objects, {run['bytes']} bytes, idle {run['idle_s']} s")
+    if report.unattributed:
+        print(f"left {len(report.unattributed)} abandoned run(s) whose checkpoints name no adapter "
+              "(written before loraflow recorded it); delete them by hand if they are yours:")
+        for run in report.unattributed:
+            print(f"  checkpoints/{run['run_key']}/  {run['objects']} objects, {run['bytes']} bytes, "
+                  f"idle {run['idle_s']} s")

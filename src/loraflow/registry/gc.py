@@ -21,7 +21,7 @@ from loraflow.log import get_logger
 from loraflow.registry.aliases import LEASE_S, list_aliases
 from loraflow.registry.catalog import complete_versions, open_registry
 from loraflow.registry.history import read_history
-from loraflow.registry.layout import MANIFEST
+from loraflow.registry.layout import MANIFEST, check_name
 from loraflow.storage.store import error_code
 
 log = get_logger("registry")
@@ -146,29 +146,43 @@ def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> int
 
 @dataclass
 class CheckpointGcReport:
-    removed_runs: list[dict] = field(default_factory=list)  # run_key, objects, bytes, idle_s
+    removed_runs: list[dict] = field(default_factory=list)  # run_key, objects, bytes, idle_s, adapter_name
     kept_recent: list[str] = field(default_factory=list)  # runs that wrote within the grace period
+    # Abandoned runs whose checkpoints name no adapter (checkpointed before loraflow recorded it):
+    # `gc NAME` cannot know they are NAME's, so it leaves them and says so.
+    unattributed: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
-def gc_checkpoints(settings, *, grace_seconds: float | None = None, dry_run: bool = False) -> CheckpointGcReport:
-    """Remove the checkpoints of training runs that failed or were abandoned: run folders under
-    `checkpoints/` with nothing written for `registry.gc_checkpoint_grace_seconds` (published runs
-    remove their own). Never touches the registry's versions."""
+def gc_checkpoints(settings, name: str | None = None, *, grace_seconds: float | None = None,
+                   dry_run: bool = False) -> CheckpointGcReport:
+    """Remove the checkpoints of adapter `name`'s training runs that failed or were abandoned: run
+    folders under `checkpoints/` whose manifests record `adapter_name == name` and with nothing
+    written for `registry.gc_checkpoint_grace_seconds` (published runs remove their own). Runs of
+    other adapters are not touched; abandoned runs that record no adapter are reported in
+    `unattributed` and left. `name=None` means every adapter's runs, unattributed ones included.
+    Never touches the registry's versions."""
     from loraflow.checkpoints import abandoned_runs, delete_run
 
     grace = settings.registry.gc_checkpoint_grace_seconds if grace_seconds is None else grace_seconds
     if grace < 0:
         raise ConfigError("the checkpoint grace period must be 0 or more seconds")
+    if name is not None:
+        check_name(name)
     stale, recent = abandoned_runs(settings.storage, grace)
-    report = CheckpointGcReport(kept_recent=recent)
+    report = CheckpointGcReport(kept_recent=[r.run_key for r in recent if name is None or r.adapter_name == name])
     for run in stale:
+        entry = {"run_key": run.run_key, "objects": run.objects, "bytes": run.bytes, "idle_s": round(run.idle_s),
+                 "adapter_name": run.adapter_name}
+        if name is not None and run.adapter_name != name:
+            if run.adapter_name is None:
+                report.unattributed.append(entry)
+            continue
         if not dry_run:
             delete_run(settings.storage, run.run_key)
-        report.removed_runs.append({"run_key": run.run_key, "objects": run.objects, "bytes": run.bytes,
-                                    "idle_s": round(run.idle_s)})
+        report.removed_runs.append(entry)
         log.info("%s checkpoints of run %s (%d objects, idle %.0f s)", "would remove" if dry_run else "removed",
                  run.run_key, run.objects, run.idle_s)
     return report
