@@ -104,6 +104,12 @@ def test_a_held_slot_times_out_with_a_clear_error_and_an_existing_limit_is_kept(
     with adapter_slot(adapter, timeout_s=30), adapter_slot(adapter, timeout_s=30):
         assert _limit(name).active_slots == 2
     assert _limit(name).limit == 2
+    # `prefect gcl disable NAME` switches the wait off (and is not undone by the next run either).
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=1, active=False))
+    with adapter_slot(adapter, timeout_s=5), adapter_slot(adapter, timeout_s=5):
+        pass
+    assert not _limit(name).active
 
 
 def test_a_flow_run_holds_the_slot_as_itself(prefect_server):
