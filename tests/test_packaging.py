@@ -253,3 +253,12 @@ def test_registry_modules_form_no_import_cycle():
     assert "aliases" in graph and "history" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "registry import cycle: " + " -> ".join(cycle)
+
+
+def test_serve_without_its_extra_fails_in_one_line_naming_it(monkeypatch):
+    from loraflow.cli.serve import _serve
+    from loraflow.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # what `import uvicorn` sees when it is not installed
+    with pytest.raises(ConfigError, match=r"uvicorn is missing.*pip install 'loraflow\[serve\]'"):
+        _serve(object())
