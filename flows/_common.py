@@ -1,6 +1,6 @@
-"""What both flows share: the seed defaults shown in the UI form, the storage location resolved on
-the worker, the library's `loraflow` log lines in Prefect's UI, and watching a deployment run
-whose worker may die."""
+"""What both flows share: the seed defaults shown in the UI form, the library's `loraflow` log lines
+in Prefect's UI, and watching a deployment run whose worker may die. What a run follows is its
+spec (loraflow.run_spec)."""
 
 from __future__ import annotations
 
@@ -13,27 +13,14 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
-from loraflow.settings import Settings, StorageSettings
+from loraflow.settings import Settings
 
 
 def seed_settings() -> Settings:
-    """The seed recipe's defaults, untouched by this process's environment: the flow parameter's
-    default, so the Prefect UI renders them in the run form and nothing machine-local (an
-    endpoint, a bucket) is baked into a deployment's parameter schema."""
-    return Settings.model_construct(storage=StorageSettings.model_construct())
-
-
-def with_worker_environment(settings: Settings) -> Settings:
-    """`settings` with the storage location fields the run left unset (None) taken from this
-    worker's environment (LORAFLOW_STORAGE__*): where the object store is belongs to the machine
-    that runs the flow. Credentials never pass through here: boto3's chain finds them on the worker."""
-    env = Settings()
-    storage = settings.storage.model_copy(update={f: getattr(env.storage, f) for f in ("endpoint_url", "region", "profile")
-                                                  if getattr(settings.storage, f) is None})
-    if settings.prefect.train_deployment is None and env.prefect.train_deployment is not None:
-        # A worker may route training to the GPU pool for every run it executes.
-        settings = settings.model_copy(update={"prefect": env.prefect})
-    return Settings.model_validate({**settings.model_dump(exclude={"storage"}), "storage": storage.model_dump()})
+    """The seed recipe's defaults, the flow parameter's default: the Prefect UI renders them in the
+    run form. A plain `Settings` reads no environment, so nothing machine-local (an endpoint, a
+    bucket) is baked into a deployment's parameter schema."""
+    return Settings()
 
 
 def current_run_key() -> str:

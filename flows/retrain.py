@@ -19,12 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.flows._common import (
-    current_run_key,
-    library_logs_in_prefect,
-    seed_settings,
-    with_worker_environment,
-)
+from loraflow.flows._common import current_run_key, library_logs_in_prefect, seed_settings
+from loraflow.flows.concurrency import adapter_slot
 from loraflow.flows.train_adapter import train_adapter_flow
 from prefect import flow, get_run_logger
 from prefect.states import Completed
@@ -33,6 +29,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from loraflow import events
 from loraflow.errors import LoraflowError, TrainingError
 from loraflow.promotion import GateDecision, decide
+from loraflow.run_spec import for_flow_run
 from loraflow.settings import Settings
 from loraflow.tasks.change import change_check_task
 from loraflow.tasks.promote import promote_task
@@ -57,7 +54,8 @@ def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
 
     deployment = settings.prefect.train_deployment
     logger = get_run_logger()
-    # Settings hold no secrets; the worker resolves the storage location and credentials itself.
+    # The whole spec, storage location included (settings hold no secrets): the training worker
+    # follows it and takes only credentials from its own machine.
     parameters = {"settings": settings.model_dump(mode="json"), "run_key": run_key}
     attempts = settings.prefect.train_attempts
     for attempt in range(1, attempts + 1):
@@ -166,13 +164,16 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
 def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
     """Retrain the LoRA adapter, evaluate it, publish it, and promote it if it is better."""
     with library_logs_in_prefect():
-        return _retrain(settings)
+        # Decided once, before anything else runs: a worker's run without a storage location ends here.
+        settings = for_flow_run(settings)
+        # One run per adapter at a time, whichever deployment, schedule, trigger or click started it.
+        with adapter_slot(settings.registry.adapter_name):
+            return _retrain(settings)
 
 
 def _retrain(settings: Settings) -> Any:
     logger = get_run_logger()
     started = time.perf_counter()
-    settings = with_worker_environment(settings)
     run_key = current_run_key()
     timings: dict[str, float] = {}
 
@@ -214,6 +215,7 @@ def _retrain(settings: Settings) -> Any:
         "flow_run_name": flow_run.name,
         "gate": decision.to_dict(),
         "inputs": check["stamp"],
+        "spec": settings.public_dict(),  # the whole resolved spec this run followed
     })
     timings["publishing"] = time.perf_counter() - t
     events.emit("published", published["name"], version=published["version"], metrics=metrics,

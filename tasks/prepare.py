@@ -1,26 +1,22 @@
-"""Fetch and tokenise the dataset. The library caches the prepared dataset on disk by the source's
-fingerprint and the tokenisation settings, so a second run with the same data is a cache hit; the
-task returns only that fingerprint, the cache path and counts."""
+"""Set up the run's recipe on the worker that trains: the base model's files (an s3:// mirror synced
+once), its config and tokenizer, and the prepared dataset (read, hashed and tokenised once, or
+loaded from the cache by its fingerprint). The recipe is handed to the training and scoring tasks
+in this process; nothing is loaded twice."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from loraflow.recipe import Recipe
 from loraflow.settings import Settings
 
 
-@task(name="prepare-dataset", cache_policy=NO_CACHE)
-def prepare_dataset_task(settings: Settings) -> dict[str, Any]:
-    from loraflow.data import prepare_dataset
-    from loraflow.modeling import load_tokenizer
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(settings: Settings) -> Recipe:
+    from prefect import get_run_logger
 
-    prepared = prepare_dataset(settings, load_tokenizer(settings))
-    return {
-        "fingerprint": prepared.fingerprint,
-        "cache_dir": str(prepared.cache_dir),
-        "from_cache": prepared.from_cache,
-        "stats": prepared.stats,
-    }
+    recipe = Recipe(settings)
+    data = recipe.prepared
+    get_run_logger().info("dataset %s: %s", data.fingerprint, "cache hit" if data.from_cache else "prepared")
+    return recipe

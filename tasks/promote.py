@@ -1,5 +1,6 @@
-"""The gate's I/O: find the current champion, score it on this run's eval documents (the gate
-compares per document, so recorded numbers from another run cannot stand in), and move the
+"""The gate's I/O: find the current champion and fetch it (tasks/evaluate scores it on this run's
+eval documents: the gate compares per document, so recorded numbers from another run cannot stand
+in), and move the
 `champion` alias with compare-and-swap so two runs finishing together cannot both think they won."""
 
 from __future__ import annotations
@@ -24,14 +25,6 @@ def pull_version_task(settings: Settings, version: str) -> str:
     from loraflow.registry import pull_adapter
 
     return str(pull_adapter(f"{settings.registry.adapter_name}=={version}", settings=settings))
-
-
-@task(name="evaluate-champion", cache_policy=NO_CACHE)
-def evaluate_champion_task(settings: Settings, adapter_dir: str) -> dict[str, Any]:
-    """The champion alone on this run's eval documents (the base model's numbers are the candidate's)."""
-    from loraflow.evaluation import evaluate_adapter
-
-    return evaluate_adapter(settings, adapter_dir, with_base=False).to_dict()
 
 
 @task(name="promote", cache_policy=NO_CACHE)

@@ -15,6 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from loraflow.recipe import Recipe
 from loraflow.settings import Settings
 from loraflow.tasks._retry import retry_transient
 
@@ -64,12 +65,13 @@ def sync_checkpoint(settings: Settings, run_key: str, out: Path) -> int:
 # One retry: the second attempt resumes from the newest checkpoint in storage (see above).
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_transient,
       cache_policy=NO_CACHE)
-def train_task(settings: Settings, run_key: str) -> dict[str, Any]:
-    """Train in this process, or under torchrun with one process per device when
-    training.nproc_per_node resolves to more than one (loraflow.launch)."""
-    from loraflow import checkpoints, training
+def train_task(recipe: Recipe, run_key: str) -> dict[str, Any]:
+    """Train in this process on the recipe's loaded base, or under torchrun with one process per
+    device when training.nproc_per_node resolves to more than one (loraflow.launch)."""
+    from loraflow import checkpoints
     from loraflow.launch import launch_training, resolve_nproc
 
+    settings = recipe.settings
     out = run_dir(run_key)
     sync_checkpoint(settings, run_key, out)
     local = _local_steps(out)
@@ -79,8 +81,9 @@ def train_task(settings: Settings, run_key: str) -> dict[str, Any]:
     else:
         callbacks = []
         if settings.training.save_strategy != "no":
-            callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key))
-        info = training.train_adapter(settings, output_dir=out, resume=bool(local), callbacks=callbacks).to_dict()
+            callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key,
+                                                                   adapter_name=settings.registry.adapter_name))
+        info = recipe.train(out, resume=bool(local), callbacks=callbacks).to_dict()
     return {**info, "resumed_from_step": local[-1] if local else 0, "run_key": run_key, "nproc": nproc}
 
 
@@ -94,14 +97,15 @@ def stage_task(settings: Settings, run_key: str, train: dict[str, Any], results:
     out = run_dir(run_key)
     prefix = checkpoints.run_prefix(settings.storage, run_key)
     checkpoints.upload_dir(settings.storage, Path(train["adapter_dir"]), prefix + STAGED, kind="adapter",
-                           train=train, **results)
+                           adapter_name=settings.registry.adapter_name, train=train, **results)
     logs = out / "staged-logs"
     shutil.rmtree(logs, ignore_errors=True)
     logs.mkdir()
     for key in ("history_path", "loss_curve_path"):
         if train.get(key) and Path(train[key]).is_file():
             shutil.copy2(train[key], logs / Path(train[key]).name)
-    checkpoints.upload_dir(settings.storage, logs, prefix + STAGED_LOGS, kind="logs")
+    checkpoints.upload_dir(settings.storage, logs, prefix + STAGED_LOGS, kind="logs",
+                           adapter_name=settings.registry.adapter_name)
     return prefix + STAGED
 
 

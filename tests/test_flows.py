@@ -85,10 +85,20 @@ def test_retrain_promotes_then_publishes_without_promoting_a_worse_adapter(
     config = flow_home.parent / "tiny.yaml"
     public = settings.public_dict()
     config.write_text(yaml.safe_dump(public))
+    from loraflow import loads
+
+    before = loads.snapshot()
     code, out, err = cli("run", "--config", str(config), "--json", "--set", "training.learning_rate=0",
                          "--set", "data.max_eval_samples=6")
     assert code == 0, err[-3000:]
     second = json.loads(out)
+    # One run with a champion: training, scoring the candidate, the base and the champion all on one
+    # loaded base model, one tokenizer and config, one read of the dataset (loraflow.recipe).
+    assert loads.since(before) == {"base_model": 1, "tokenizer": 1, "config": 1, "dataset": 1}
+    assert err.count("loading base model") == 1
+    spec = read_manifest(settings, "imdb-tiny", second["version"])["spec"]
+    assert spec["training"]["learning_rate"] == 0 and spec["data"]["max_eval_samples"] == 6
+    assert spec["storage"]["bucket"] == bucket  # the whole resolved spec, location included
     assert not second["promoted"]
     assert "does not beat the base model" in second["reason"]
     assert second["champion_before"] == first["version"] and second["champion_remeasured"]

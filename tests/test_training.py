@@ -262,3 +262,30 @@ def test_base_model_from_an_s3_mirror(s3_settings, tiny_model_dir, train_home, m
     settings.model.name_or_path = "./no/such/model-dir"
     with pytest.raises(ModelError, match="no such model directory"):
         modeling.load_base_model(settings)
+
+
+def test_resume_refuses_a_checkpoint_made_on_other_base_weights(tiny_settings, tiny_model_dir, tmp_path):
+    """Same path, `model.safetensors` swapped: the resume identity holds the base weights' sha256,
+    so --resume refuses in one line naming the file, instead of continuing on other weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from loraflow.errors import ConfigError
+    from loraflow.training import train_adapter
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    settings = tiny_settings(f"model.name_or_path={base}", "training.max_steps=2", "training.save_steps=2")
+    train_adapter(settings, output_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoint-2" / "loraflow-run.json").is_file()
+
+    tensors = load_file(str(base / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, str(base / "model.safetensors"), metadata={"format": "pt"})
+    longer = tiny_settings(f"model.name_or_path={base}", "training.max_steps=4", "training.save_steps=2")
+    with pytest.raises(ConfigError) as info:
+        train_adapter(longer, output_dir=tmp_path / "run", resume=True)
+    message = str(info.value)
+    assert "base_model.weights[model.safetensors]" in message and "\n" not in message

@@ -28,12 +28,6 @@ if TYPE_CHECKING:
 log = get_logger("changes")
 
 STAMP_SCHEMA = 1
-# Training settings that do not change what is learned: where and how often files are written,
-# how many processes share the work (the effective batch is per_device x accumulation x processes,
-# so a different process count does change it; it is kept out because "auto" resolves per worker
-# and a worker with more GPUs should not force a retrain by itself).
-INERT_TRAINING = frozenset({"output_dir", "logging_steps", "save_strategy", "save_steps", "save_total_limit",
-                            "dataloader_num_workers", "nproc_per_node"})
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
@@ -103,10 +97,14 @@ def source_stamp(source: str, revision: str | None, storage: StorageSettings, re
 
 
 def training_settings(settings: Settings) -> dict[str, Any]:
-    """The settings that shape the adapter: model, data, LoRA, training (minus INERT_TRAINING)."""
-    dumped = settings.model_dump(mode="json")
-    subset = {k: dumped[k] for k in ("model", "data", "lora")}
-    subset["training"] = {k: v for k, v in dumped["training"].items() if k not in INERT_TRAINING}
+    """The settings that shape the adapter, by section: every field but the inert ones
+    (loraflow.settings.result_fields, the one rule)."""
+    from loraflow.settings import RESULT_SECTIONS, result_fields
+
+    subset: dict[str, dict[str, Any]] = {section: {} for section in RESULT_SECTIONS}
+    for key, value in result_fields(settings).items():
+        section, name = key.split(".", 1)
+        subset[section][name] = value
     return subset
 
 

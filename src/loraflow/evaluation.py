@@ -258,51 +258,43 @@ def _count_documents(prepared: PreparedDataset) -> int:
 
 def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: PreparedDataset | None = None,
                      tokenizer=None, with_base: bool = True) -> EvalResult:
-    """Base vs base + adapter on the eval split. Writes nothing: the numbers go into a release
-    directory through loraflow.release, never back into the adapter directory it read (which may
-    be a verified cache entry). `with_base=False` scores the adapter alone (the gate re-measuring
-    a champion: the base numbers are the candidate's); base fields are then NaN / empty."""
-    from peft import PeftModel
+    """Base vs base + adapter on the eval split, set up from scratch (`loraflow evaluate`, tests).
+    A run scores on its recipe's loaded base instead (loraflow.recipe.Recipe.score). Writes
+    nothing: the numbers go into a release directory through loraflow.release, never back into the
+    adapter directory it read (which may be a verified cache entry)."""
+    from loraflow.recipe import Recipe
 
+    return Recipe(settings, prepared=prepared, tokenizer=tokenizer).score(adapter_dir, with_base=with_base)[0]
+
+
+def score_adapters(settings: Settings, model, names: dict[str, str], *, prepared: PreparedDataset, tokenizer,
+                   device: str, with_base: bool = True) -> dict[str, EvalResult]:
+    """Each adapter of `model` (a PeftModel; `names`: role -> adapter name) and, once, the base
+    model under `disable_adapter()`, on the same prepared rows and collator as training, so the
+    numbers differ only by the adapter. {adapter name: EvalResult}; the base numbers go into each.
+    `with_base=False` leaves the base out (its fields are then NaN / empty)."""
     from loraflow import modeling
-    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.data import PackedCollator
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelError(f"{adapter_dir}: not an adapter directory (no adapter_config.json)")
     t0 = time.perf_counter()
-    tokenizer = tokenizer or modeling.load_tokenizer(settings)
-    if prepared is None:
-        prepared = prepare_dataset(settings, tokenizer, model_max_positions=modeling.model_max_positions(settings))
     if len(prepared.eval) == 0:
         raise ModelError(f"data.source={settings.data.source!r}: the eval split is empty")
     general = general_rows(settings, tokenizer)
-
-    precision = modeling.resolve_precision(settings.training, settings.model)
-    device = precision.device
-    base = modeling.load_base_model(settings, precision)
-    log.info("eval: loading adapter %s", adapter_dir)
-    try:
-        with modeling.peft_quietly():
-            model = PeftModel.from_pretrained(base, str(adapter_dir))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{adapter_dir}: cannot load the adapter onto {settings.model.name_or_path!r}: "
-                         f"{exc}") from None
-    model.to(device)
     collator = PackedCollator(modeling.pad_token_id(tokenizer))
     batch_size = settings.training.per_device_train_batch_size
     budget = settings.eval.max_new_tokens
 
     # Progress counts what is scored: document chunks of up to data.max_length tokens (one per
     # document unless documents are longer).
-    passes = 2 if with_base else 1
+    passes = len(names) + (1 if with_base else 0)
     documents, chunks = _count_documents(prepared), _document_starts(prepared.eval)
     general_chunks = _document_starts(general) if general is not None else 0
     unit = "documents" if chunks == documents and general is None else "chunks"
     progress = _Progress(passes * (chunks + general_chunks), unit, passes)
+    scored = " and ".join([*names, *(["the base model"] if with_base else [])])
     log.info("eval: scoring %d documents%s with %s, then %d greedy generations with each%s", documents,
              f" ({chunks} chunks of up to {settings.data.max_length} tokens)" if chunks != documents else "",
-             "the adapter and the base model" if with_base else "the adapter", len(EVAL_PROMPTS),
+             scored, len(EVAL_PROMPTS),
              f"; forgetting check on {general_chunks} chunks of {settings.eval.general_source}" if general is not None
              else "")
 
@@ -314,16 +306,49 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
             return generate_samples(model, tokenizer, device=device, seed=settings.training.seed,
                                     max_new_tokens=budget)
 
-    adapter_sums, counts = score(prepared.eval, "adapter")
-    samples = generate("the adapter")
-    general_adapter = score(general, "adapter, general text") if general is not None else None
-    base_sums, base_samples, general_base = [], [], None
+    base_sums, base_samples, general_base, counts = [], [], None, None
     if with_base:
         with model.disable_adapter():
-            base_sums, _ = score(prepared.eval, "base model")
+            base_sums, counts = score(prepared.eval, "base model")
             base_samples = generate("the base model")
             general_base = score(general, "base model, general text") if general is not None else None
 
+    results: dict[str, EvalResult] = {}
+    for role, name in names.items():
+        t_adapter = time.perf_counter()
+        model.set_adapter(name)
+        adapter_sums, counts = score(prepared.eval, role)
+        samples = generate(f"the {role}")
+        general_adapter = score(general, f"{role}, general text") if general is not None else None
+        result = _result(settings, prepared, adapter_sums, counts, samples, base_sums, base_samples, budget,
+                         general_adapter, general_base)
+        result.eval_time_s = round(time.perf_counter() - t_adapter, 3)
+        results[name] = result
+    first = results[next(iter(names.values()))]
+    first.eval_time_s = round(time.perf_counter() - t0, 3)  # the whole scoring, as a run's eval time
+    # The same token count as the prepare line, with the predicted share explained: a document's
+    # first token has nothing before it to predict it from.
+    all_tokens = (prepared.stats.get("eval") or {}).get("tokens")
+    for role, name in names.items():
+        result = results[name]
+        log.info("eval (%s): base ppl %.2f -> adapter ppl %.2f on %d documents / %s tokens (%s of them predicted); "
+                 "generations ending with EOS %.0f%%, distinct-2 %.2f", role, result.base_ppl, result.adapter_ppl,
+                 result.eval_documents, f"{all_tokens:,}" if isinstance(all_tokens, int) else "?",
+                 f"{result.eval_tokens:,}", 100 * result.generation_health["adapter"]["eos_rate"],
+                 result.generation_health["adapter"]["distinct_2"])
+        if result.general_adapter_ppl is not None:
+            general_base_ppl = f"{result.general_base_ppl:.2f}" if result.general_base_ppl is not None else "-"
+            log.info("forgetting check (%s) on %s: base ppl %s -> adapter ppl %.2f over %s predicted tokens", role,
+                     result.general_source, general_base_ppl, result.general_adapter_ppl,
+                     f"{result.general_tokens:,}")
+    log.info("eval: done in %.1f s", time.perf_counter() - t0)
+    return results
+
+
+def _result(settings: Settings, prepared: PreparedDataset, adapter_sums: list[float], counts: list[int],
+            samples: list[dict[str, Any]], base_sums: list[float], base_samples: list[dict[str, Any]], budget: int,
+            general_adapter, general_base) -> EvalResult:
+    with_base = bool(base_sums)
     tokens = sum(counts)
     adapter_loss = sum(adapter_sums) / tokens
     base_loss = sum(base_sums) / tokens if with_base else math.nan
@@ -348,18 +373,6 @@ def evaluate_adapter(settings: Settings, adapter_dir: str | Path, *, prepared: P
         result.general_adapter_ppl = _ppl(sum(general_adapter[0]) / general_tokens)
         if general_base is not None:
             result.general_base_ppl = _ppl(sum(general_base[0]) / general_tokens)
-    result.eval_time_s = round(time.perf_counter() - t0, 3)
-    # The same token count as the prepare line, with the predicted share explained: a document's
-    # first token has nothing before it to predict it from.
-    all_tokens = (prepared.stats.get("eval") or {}).get("tokens")
-    log.info("eval: base ppl %.2f -> adapter ppl %.2f on %d documents / %s tokens (%s of them predicted) "
-             "in %.1f s; generations ending with EOS %.0f%%, distinct-2 %.2f", result.base_ppl, result.adapter_ppl,
-             result.eval_documents, f"{all_tokens:,}" if isinstance(all_tokens, int) else "?", f"{tokens:,}",
-             result.eval_time_s, 100 * health["adapter"]["eos_rate"], health["adapter"]["distinct_2"])
-    if result.general_adapter_ppl is not None:
-        general_base = f"{result.general_base_ppl:.2f}" if result.general_base_ppl is not None else "-"
-        log.info("forgetting check on %s: base ppl %s -> adapter ppl %.2f over %s predicted tokens",
-                 result.general_source, general_base, result.general_adapter_ppl, f"{result.general_tokens:,}")
     return result
 
 

@@ -108,7 +108,8 @@ def train_ranks(settings: Settings, out: Path, run_key: str, resume: bool) -> No
 
     callbacks = []
     if settings.training.save_strategy != "no":
-        callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key))
+        callbacks.append(checkpoints.checkpoint_upload_callback(settings.storage, run_key,
+                                                                   adapter_name=settings.registry.adapter_name))
     result = training.train_adapter(settings, output_dir=out, resume=resume, callbacks=callbacks)
     if training.is_main_process():
         tmp = out / (RESULT_FILE + ".partial")

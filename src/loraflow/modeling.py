@@ -201,10 +201,30 @@ def _hash_weights(directory: Path) -> dict[str, str]:
     return out
 
 
-def base_model_identity(settings: Settings) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BaseSource:
+    """Where a run's base model is on this machine, resolved once (loraflow.recipe): `path` is what
+    `from_pretrained` opens (a directory or a hub id); `weights`, for an s3:// mirror, the sha256 of
+    each safetensors file, verified as it landed, so nothing is synced or hashed again."""
+
+    path: str
+    weights: dict[str, str] | None = None
+
+
+def resolve_base(settings: Settings) -> BaseSource:
+    name = settings.model.name_or_path
+    if is_s3_uri(name):
+        mirror = _mirror(name, settings.storage)
+        return BaseSource(str(mirror.path), {e.name: e.sha256 for e in mirror.files if e.name.endswith(".safetensors")})
+    return BaseSource(resolve_model_source(settings.model, settings.storage))
+
+
+def base_model_identity(settings: Settings, base: BaseSource | None = None) -> dict[str, Any]:
     """What the manifest records about the base model: its logical id (hub id, s3:// URI or the
     directory as given, never a mirror path), revision, and the sha256 of each weight file, so a
     host loading the adapter can check it got the same base."""
+    if base is not None and base.weights is not None:
+        return {"id": settings.model.name_or_path, "revision": settings.model.revision, "weights": dict(base.weights)}
     return model_identity(settings.model.name_or_path, settings.model.revision, settings.storage)
 
 
@@ -248,12 +268,16 @@ def check_model_identity(recorded: dict[str, Any], storage: StorageSettings | No
                 f"sha256 {digest[:12]}…; refusing to load the adapter onto different weights")
 
 
-def load_tokenizer(settings: Settings):
+def load_tokenizer(settings: Settings, source: str | None = None):
     """The base model's tokenizer, unchanged. GPT-2 has no pad token; we do not invent one, since
-    our collator pads by position (see `pad_token_id`)."""
+    our collator pads by position (see `pad_token_id`). `source`: the already resolved local
+    directory or hub id (loraflow.recipe resolves an s3:// mirror once per run)."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_source(settings.model, settings.storage)
+    from loraflow.loads import count
+
+    source = source or resolve_model_source(settings.model, settings.storage)
+    count("tokenizer")
     try:
         return AutoTokenizer.from_pretrained(source, revision=settings.model.revision,
                                              trust_remote_code=settings.model.trust_remote_code)
@@ -288,7 +312,7 @@ def attention_implementation(precision: Precision) -> str | None:
     return "sdpa"
 
 
-def load_base_model(settings: Settings, precision: Precision | None = None):
+def load_base_model(settings: Settings, precision: Precision | None = None, source: str | None = None):
     """The frozen base model in `precision.model_dtype`, on the CPU.
 
     `model.device_map` is deliberately not passed to `from_pretrained`: with "auto" accelerate
@@ -298,8 +322,11 @@ def load_base_model(settings: Settings, precision: Precision | None = None):
 
     precision = precision or resolve_precision(settings.training, settings.model)
     # A long wait (a download from s3://, then reading and converting the weights): say so first.
+    from loraflow.loads import count
+
     log.info("loading base model %s (%s)", settings.model.name_or_path, precision.model_dtype)
-    source = resolve_model_source(settings.model, settings.storage)
+    source = source or resolve_model_source(settings.model, settings.storage)
+    count("base_model")
     if settings.model.device_map not in (None, "", "auto"):
         log.info("model.device_map=%r is ignored for training: the Trainer places the model (DDP-safe)",
                  settings.model.device_map)
@@ -336,11 +363,14 @@ def load_base_model(settings: Settings, precision: Precision | None = None):
     return model
 
 
-def load_config(settings: Settings):
+def load_config(settings: Settings, source: str | None = None):
     """The base model's config (no weights loaded)."""
     from transformers import AutoConfig
 
-    source = resolve_model_source(settings.model, settings.storage)
+    from loraflow.loads import count
+
+    source = source or resolve_model_source(settings.model, settings.storage)
+    count("config")
     try:
         return AutoConfig.from_pretrained(source, revision=settings.model.revision,
                                           trust_remote_code=settings.model.trust_remote_code)
@@ -349,13 +379,11 @@ def load_config(settings: Settings):
 
 
 def model_max_positions(settings: Settings) -> int | None:
-    """The base model's context length from its config, for data checks."""
-    config = load_config(settings)
-    for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The base model's context length from its config, for data checks (one rule:
+    loraflow.data.prepare.model_context_length)."""
+    from loraflow.data.prepare import model_context_length
+
+    return model_context_length(load_config(settings))
 
 
 # --------------------------------------------------------------------------------------------

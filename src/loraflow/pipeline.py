@@ -1,4 +1,5 @@
-"""prepare -> train -> evaluate -> release directory, in this process: what `loraflow train` runs."""
+"""prepare -> train -> evaluate -> release directory, in this process: what `loraflow train` runs,
+through the same recipe (loraflow.recipe) as a flow run's training side."""
 
 from __future__ import annotations
 
@@ -50,30 +51,28 @@ def run_local(settings: Settings, *, output_dir: str | Path | None = None, resum
               print_table: bool = True) -> PipelineResult:
     """Prepare the data (from cache when unchanged), train the adapter, evaluate it against the
     base model, print a results table. Under torchrun every rank trains; rank 0 evaluates."""
-    from loraflow import modeling
-    from loraflow.data import prepare_dataset
-    from loraflow.evaluation import evaluate_adapter, format_results_table
+    from loraflow.evaluation import format_results_table
+    from loraflow.recipe import Recipe
     from loraflow.release import write_release
-    from loraflow.training import is_main_process, main_process_first, train_adapter
+    from loraflow.training import is_main_process
 
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    tokenizer = modeling.load_tokenizer(settings)
-    with main_process_first():  # rank 0 fills the cache, the others then read it
-        prepared = prepare_dataset(settings, tokenizer, model_max_positions=modeling.model_max_positions(settings))
+    recipe = Recipe(settings)  # tokenizer, config and prepared data, once (the base model when training)
+    prepared = recipe.prepared
     timings["prepare_s"] = round(time.perf_counter() - t, 3)
     log.info("phase prepare: %.1fs (%s, fingerprint %s)", timings["prepare_s"],
              "from cache" if prepared.from_cache else "prepared", prepared.fingerprint)
 
     t = time.perf_counter()
-    train = train_adapter(settings, output_dir=output_dir, resume=resume, prepared=prepared, callbacks=callbacks)
+    train = recipe.train(output_dir, resume=resume, callbacks=callbacks)
     timings["train_s"] = round(time.perf_counter() - t, 3)
     log.info("phase train: %.1fs (%d steps)", timings["train_s"], train.global_step)
 
     result_eval = None
     if evaluate and is_main_process():
         t = time.perf_counter()
-        result_eval = evaluate_adapter(settings, train.adapter_dir, prepared=prepared, tokenizer=tokenizer)
+        result_eval, _ = recipe.score(train.adapter_dir)  # on the base model training loaded
         timings["eval_s"] = round(time.perf_counter() - t, 3)
         log.info("phase eval: %.1fs", timings["eval_s"])
     result = PipelineResult(prepared.fingerprint, prepared.stats, train, result_eval, timings)

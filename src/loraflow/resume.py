@@ -3,9 +3,12 @@
 transformers' `get_last_checkpoint` takes the highest `checkpoint-N` in the folder, whatever run
 wrote it and whether or not it was finished. loraflow marks a checkpoint complete only after
 Trainer has written all of it (`on_save`), with the identity of the run that wrote it: the data
-fingerprint and every setting that changes what training computes. Resume takes the newest
-complete checkpoint, skips incomplete ones with a log line, and refuses (one line naming what
-differs) a checkpoint of another run; `fresh` removes old checkpoints instead, saying so.
+fingerprint, every setting that changes what training computes (loraflow.settings.result_fields:
+the same rule as the change check, less the schedule, since resuming with a longer one is how a
+run is extended), the sha256 of the base model's weight files, the precision the run resolved
+to and the number of processes. Resume takes the newest complete checkpoint, skips incomplete
+ones with a log line, and refuses (one line naming what differs) a checkpoint of another run;
+`fresh` removes old checkpoints instead, saying so.
 """
 
 from __future__ import annotations
@@ -26,19 +29,20 @@ log = get_logger("train")
 
 RUN_MARKER = "loraflow-run.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# What changes the weights a step computes. max_steps / epochs are left out on purpose: resuming
-# with a longer schedule is how a run is extended.
-_TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-                  "lr_scheduler_type", "warmup_steps", "max_grad_norm", "seed", "precision")
 
 
-def run_identity(settings: Settings, data_fingerprint: str) -> dict[str, Any]:
+def run_identity(settings: Settings, data_fingerprint: str, *, base_weights: dict[str, str],
+                 precision: str, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be continued. `base_weights`: {file: sha256} of the base
+    model; `precision`: what the run resolved to (e.g. "bf16/bfloat16"), not what it asked for."""
+    from loraflow.settings import result_fields
+
     return {
         "data.fingerprint": data_fingerprint,
-        "model.name_or_path": settings.model.name_or_path,
-        "model.revision": settings.model.revision,
-        **{f"lora.{k}": v for k, v in settings.lora.model_dump(mode="json").items()},
-        **{f"training.{k}": getattr(settings.training, k) for k in _TRAINING_KEYS},
+        **result_fields(settings, leave_out=("inert", "schedule", "resolved")),
+        **{f"base_model.weights[{name}]": digest for name, digest in sorted(base_weights.items())},
+        "precision": precision,
+        "world_size": world_size,
     }
 
 
@@ -69,12 +73,20 @@ def choose_checkpoint(out: Path, identity: dict[str, Any]) -> Path | None:
         except ValueError:
             log.warning("skipping %s: unreadable %s", path, RUN_MARKER)
             continue
-        differs = [f"{k} {recorded.get(k)!r} -> {v!r}" for k, v in identity.items() if recorded.get(k) != v]
+        differs = [f"{k} {_short(recorded.get(k))} -> {_short(v)}" for k, v in identity.items() if recorded.get(k) != v]
+        differs += [f"{k} {_short(v)} -> absent" for k, v in recorded.items() if k not in identity]
         if differs:
             raise ConfigError(f"--resume: {path} belongs to another run ({'; '.join(differs[:4])}); "
                               "resume with the settings it was made with, or pass --fresh to start over")
         return path
     return None
+
+
+def _short(value: Any) -> str:
+    # A sha256 reads as its first 12 characters; anything else as its repr.
+    if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value):
+        return value[:12] + "…"
+    return repr(value)
 
 
 def clear_checkpoints(out: Path) -> None:

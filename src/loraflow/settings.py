@@ -1,8 +1,18 @@
 """Typed settings: the seed notebook's recipe as defaults, nested the way the libraries they feed
 name things (peft's LoraConfig, transformers' TrainingArguments), so users recognise every key.
 
-Precedence, lowest to highest: defaults < YAML file (``--config``) < environment
-(``LORAFLOW_`` prefix, ``__`` between levels) < command-line overrides (``--set a.b=V``).
+`Settings` is a run's spec: a plain pydantic model. Validating one (a flow parameter, a JSON file
+handed to torchrun's ranks) never reads the environment, so a run means the same thing in every
+process that receives it: fields it leaves out are the documented defaults, never "whatever this
+worker's LORAFLOW_* variables say". The environment is read in one place, `load_settings`, by
+whoever starts the run (the CLI, the demo), with this precedence, lowest to highest: defaults <
+YAML file (``--config``) < environment (``LORAFLOW_`` prefix, ``__`` between levels) <
+command-line overrides (``--set a.b=V``). A flow run takes from its machine only credentials
+(boto3's chain) and, when its spec leaves it unset, the storage location as one unit
+(`loraflow.run_spec`).
+
+Which settings change a result is field metadata (`result=`), read by `result_fields`: the change
+check, the resume identity and the data fingerprint all ask it, so they cannot drift apart.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from pydantic_settings import (
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
+from pydantic.fields import FieldInfo
 
 from loraflow.errors import ConfigError
 
@@ -41,6 +52,28 @@ def expand_path_vars(value: str) -> str:
 # A path-like setting: `~` and `${VAR}` expanded after validation.
 PathSetting = Annotated[str, AfterValidator(expand_path_vars)]
 
+# What a setting does to the trained adapter; one rule, read by the change check (loraflow.changes),
+# the resume identity (loraflow.resume) and the data fingerprint (loraflow.data.prepare):
+#   changes   (unmarked) a different value trains a different adapter
+#   inert     where and how often files are written, how the work is spread: never the weights
+#   schedule  how long training runs: a different adapter, but resuming with a longer schedule
+#             is how a run is extended, so the resume identity leaves it out
+#   resolved  a request that resolves per machine (precision): the change check compares the
+#             request; the resume identity compares what it resolved to (recorded by training)
+#   source    where data or weights come from: identified by content (the data fingerprint
+#             hashes the texts, the resume identity the weights), by id everywhere else
+RESULT_SECTIONS = ("model", "data", "lora", "training")
+ResultRole = Literal["changes", "inert", "schedule", "resolved", "source"]
+
+
+def role(kind: ResultRole) -> dict[str, Any]:
+    return {"result": kind}
+
+
+def result_role(field: FieldInfo) -> ResultRole:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return extra.get("result", "changes")  # type: ignore[return-value]
+
 
 class _Section(BaseModel):
     # A typo in a key must be an error, not a silently ignored setting; inf/nan are never a setting.
@@ -48,20 +81,23 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    name_or_path: PathSetting = Field("microsoft/DialoGPT-medium", min_length=1,
+    name_or_path: PathSetting = Field("microsoft/DialoGPT-medium", min_length=1, json_schema_extra=role("source"),
                               description="Hub id, local directory, or s3:// prefix of the base model.")
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).",
+                                 json_schema_extra=role("source"))
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "bfloat16", description="Weights dtype on an accelerator; a CPU always resolves to float32.")
-    device_map: str | None = "auto"
+        "bfloat16", description="Weights dtype on an accelerator; a CPU always resolves to float32.",
+        json_schema_extra=role("resolved"))
+    device_map: str | None = Field("auto", json_schema_extra=role("inert"))
     trust_remote_code: bool = False
 
 
 class DataSettings(_Section):
-    source: PathSetting = Field("imdb", min_length=1,
+    source: PathSetting = Field("imdb", min_length=1, json_schema_extra=role("source"),
                         description="Hub dataset id, local file/folder, or s3:// prefix.")
-    config_name: str | None = Field(None, description="Hub dataset configuration name.")
-    revision: str | None = Field(None, description="Hub dataset revision.")
+    config_name: str | None = Field(None, description="Hub dataset configuration name.",
+                                    json_schema_extra=role("source"))
+    revision: str | None = Field(None, description="Hub dataset revision.", json_schema_extra=role("source"))
     text_column: str = Field("text", min_length=1)
     train_split: str = "train"
     eval_split: str | None = Field("test", description="Used when the source has it; else eval_size is held out.")
@@ -84,14 +120,15 @@ class LoraSettings(_Section):
 
 class TrainingSettings(_Section):
     output_dir: PathSetting = Field(
-        "./lora-dialogpt", description="Where `loraflow train` writes checkpoints and the adapter. Flow runs use "
+        "./lora-dialogpt", json_schema_extra=role("inert"), description="Where `loraflow train` writes checkpoints and the adapter. Flow runs use "
                                        "LORAFLOW_HOME/runs/<flow run id> instead, removed after a successful publish "
                                        "(the result is the published version).")
-    num_train_epochs: float = Field(1, gt=0)
+    num_train_epochs: float = Field(1, gt=0, json_schema_extra=role("schedule"))
     per_device_train_batch_size: int = Field(4, gt=0)
     gradient_accumulation_steps: int = Field(4, gt=0)
     warmup_steps: int = Field(100, ge=0)
-    max_steps: int = Field(1000, description="-1 trains for num_train_epochs instead.")
+    max_steps: int = Field(1000, description="-1 trains for num_train_epochs instead.",
+                           json_schema_extra=role("schedule"))
 
     @field_validator("max_steps")
     @classmethod
@@ -107,24 +144,28 @@ class TrainingSettings(_Section):
                                "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr",
                                "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"] = "linear"
     max_grad_norm: float = Field(1.0, ge=0)
-    fp16: bool = Field(True, description="The seed's flag: use fp16 where no bf16 is available on a GPU.")
-    bf16: bool = False
+    fp16: bool = Field(True, description="The seed's flag: use fp16 where no bf16 is available on a GPU.",
+                       json_schema_extra=role("resolved"))
+    bf16: bool = Field(False, json_schema_extra=role("resolved"))
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16), fp32 on CPU.")
+        "auto", json_schema_extra=role("resolved"), description="auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16), fp32 on CPU.")
     gradient_checkpointing: bool = False
-    logging_steps: int = Field(25, gt=0)
-    save_strategy: Literal["steps", "epoch", "no"] = "steps"
+    logging_steps: int = Field(25, gt=0, json_schema_extra=role("inert"))
+    save_strategy: Literal["steps", "epoch", "no"] = Field("steps", json_schema_extra=role("inert"))
 
     @field_validator("save_strategy", mode="before")
     @classmethod
     def _unquoted_no(cls, value: Any) -> Any:
         return "no" if value is False else value  # `save_strategy: no` in YAML 1.1 is False
-    save_steps: int = Field(500, gt=0)
-    save_total_limit: int | None = Field(2, gt=0)
+    save_steps: int = Field(500, gt=0, json_schema_extra=role("inert"))
+    save_total_limit: int | None = Field(2, gt=0, json_schema_extra=role("inert"))
     seed: int = 42
-    dataloader_num_workers: int = Field(0, ge=0)
+    dataloader_num_workers: int = Field(0, ge=0, json_schema_extra=role("inert"))
+    # The effective batch is per-device x accumulation x processes, so the process count does change
+    # the result; the setting is inert because "auto" resolves per worker (a worker with more GPUs
+    # must not force a retrain by itself). The resume identity compares the world size it resolved to.
     nproc_per_node: Literal["auto"] | int = Field(
-        "auto", description=("Training processes on the worker (torchrun, one per device): auto = the number of "
+        "auto", json_schema_extra=role("inert"), description=("Training processes on the worker (torchrun, one per device): auto = the number of "
                              "CUDA devices, 1 on CPU; an integer forces it (e.g. 2 gloo processes on a CPU)."))
 
     @field_validator("nproc_per_node")
@@ -194,13 +235,10 @@ class PrefectSettings(_Section):
                                  "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) counts as crashed."))
 
 
-_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loraflow_yaml_file", default=None)
+class Settings(BaseModel):
+    """A run's spec (see the module docstring): validating it never reads the environment."""
 
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="LORAFLOW_", env_nested_delimiter="__", extra="forbid", validate_assignment=True,
-    )
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     model: ModelSettings = Field(default_factory=ModelSettings)
     data: DataSettings = Field(default_factory=DataSettings)
@@ -210,6 +248,36 @@ class Settings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+
+    def public_dict(self) -> dict[str, Any]:
+        """JSON-able dump (for logs, manifests, `config show`); settings hold no secrets."""
+        return self.model_dump(mode="json")
+
+
+def result_fields(settings: Settings, *, leave_out: tuple[ResultRole, ...] = ("inert",)) -> dict[str, Any]:
+    """{"section.field": value} of every setting that shapes the adapter (RESULT_SECTIONS), less the
+    roles in `leave_out`. The change check leaves out `inert`; the resume identity also `schedule`
+    and `resolved` (it records what they resolved to instead)."""
+    out: dict[str, Any] = {}
+    for section in RESULT_SECTIONS:
+        model = getattr(settings, section)
+        dumped = model.model_dump(mode="json")
+        for name, field in type(model).model_fields.items():
+            if result_role(field) not in leave_out:
+                out[f"{section}.{name}"] = dumped[name]
+    return out
+
+
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("loraflow_yaml_file", default=None)
+
+
+class _FromSources(Settings, BaseSettings):
+    """The one reader of LORAFLOW_* variables (and the YAML file): `load_settings` resolves through
+    it and hands back a plain `Settings`, so nothing downstream can re-read the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORAFLOW_", env_nested_delimiter="__", extra="forbid", validate_assignment=True,
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -226,9 +294,11 @@ class Settings(BaseSettings):
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
         return tuple(sources)
 
-    def public_dict(self) -> dict[str, Any]:
-        """JSON-able dump (for logs, manifests, `config show`); settings hold no secrets."""
-        return self.model_dump(mode="json")
+
+class StorageFromEnvironment(StorageSettings, BaseSettings):
+    """The storage location a worker's environment names (LORAFLOW_STORAGE__*), read as one unit."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFLOW_STORAGE__", extra="forbid")
 
 
 def format_validation_error(err: ValidationError, source_of: Callable[[tuple], str | None] | None = None) -> str:
@@ -348,7 +418,10 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[str] 
         init.setdefault(name, {}).update(value)
     token = _yaml_file.set(path)
     try:
-        return Settings(**init)
+        resolved = _FromSources(**init)
+        # exclude_unset keeps which fields a source named (`model_fields_set`): a storage location
+        # is told apart from the defaults by it (loraflow.run_spec).
+        return Settings.model_validate(resolved.model_dump(exclude_unset=True))
     except ValidationError as err:
         source_of = _source_finder(overrides or [], sections, path, data)
         raise ConfigError(format_validation_error(err, source_of)) from None

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
     from loraflow.data import PreparedDataset
     from loraflow.modeling import Precision
+    from loraflow.recipe import Recipe
     from loraflow.settings import Settings
 
 log = get_logger("train")
@@ -340,12 +341,11 @@ def _steps_already_done(checkpoint: Path | None, settings: Settings) -> int | No
     return step if step >= settings.training.max_steps else None
 
 
-def _finish_from_checkpoint(settings, checkpoint: Path, step: int, out: Path, adapter_dir: Path, prepared,
-                            precision, main: bool) -> TrainResult:
+def _finish_from_checkpoint(settings, checkpoint: Path, step: int, out: Path, adapter_dir: Path, recipe,
+                            main: bool) -> TrainResult:
     """Resuming a finished run trains nothing more: the checkpoint's adapter is the result (Trainer
     would otherwise run one extra step past max_steps)."""
-    from loraflow import modeling
-
+    prepared, precision = recipe.prepared, recipe.precision
     log.info("%s already reached training.max_steps=%d: nothing left to train; its adapter is the result",
              checkpoint, settings.training.max_steps)
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -363,23 +363,28 @@ def _finish_from_checkpoint(settings, checkpoint: Path, step: int, out: Path, ad
         final_loss=float(losses[-1]) if losses else float("nan"), history_path=out / HISTORY_FILE,
         loss_curve_path=out / LOSS_CURVE_FILE, resumed_from=str(checkpoint), precision=precision.name,
         base_model=settings.model.name_or_path, base_model_revision=settings.model.revision,
-        base_model_identity=modeling.base_model_identity(settings) if main else {},
+        base_model_identity=recipe.base_identity if main else {},
         dataset_source=settings.data.source, dataset_fingerprint=prepared.fingerprint,
     )
 
 
 def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, resume: bool = False,
-                  prepared: PreparedDataset | None = None,
-                  callbacks: list[TrainerCallback] | None = None) -> TrainResult:
+                  prepared: PreparedDataset | None = None, callbacks: list[TrainerCallback] | None = None,
+                  recipe: Recipe | None = None) -> TrainResult:
     """Train a LoRA adapter; returns where it is. Checkpoints go to `output_dir/checkpoint-N`,
-    the final adapter to `output_dir/adapter` (the PEFT files)."""
+    the final adapter to `output_dir/adapter` (the PEFT files). `recipe`: the run's loaded
+    tokenizer, data and base model (loraflow.recipe); one is set up when none is given."""
     from loraflow.paths import ensure_dir
 
     out = resolve_output_dir(settings, output_dir)
     created = not out.exists()
     ensure_dir(out, "--output" if output_dir is not None else "training.output_dir")
     try:
-        return _train(settings, out, resume=resume, prepared=prepared, callbacks=callbacks)
+        if recipe is None:
+            from loraflow.recipe import Recipe
+
+            recipe = Recipe(settings, prepared=prepared)
+        return _train(settings, out, resume=resume, recipe=recipe, callbacks=callbacks)
     except BaseException:
         # A failed run leaves nothing behind in a folder it made, unless it saved a checkpoint that
         # --resume can continue from.
@@ -388,29 +393,25 @@ def train_adapter(settings: Settings, *, output_dir: str | Path | None = None, r
         raise
 
 
-def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDataset | None,
+def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
            callbacks: list[TrainerCallback] | None) -> TrainResult:
     from transformers import PrinterCallback, set_seed
 
     from loraflow import modeling
     from loraflow import resume as resume_rules
-    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.data import PackedCollator
     from loraflow.memory import check_training_memory
 
-    precision = modeling.resolve_precision(settings.training, settings.model)
+    precision, prepared, tokenizer = recipe.precision, recipe.prepared, recipe.tokenizer
     args = build_training_arguments(settings, out, precision)  # also sets up torch.distributed under torchrun
     main = args.process_index == 0
-
-    tokenizer = modeling.load_tokenizer(settings)
-    if prepared is None:
-        with main_process_first():
-            prepared = prepare_dataset(settings, tokenizer,
-                                       model_max_positions=modeling.model_max_positions(settings))
-    check_training_memory(settings, precision, modeling.load_config(settings))
+    check_training_memory(settings, precision, recipe.config)
 
     if settings.training.learning_rate == 0:
         log.warning("training.learning_rate=0: the weights will not move; the adapter will equal the base model")
-    identity = resume_rules.run_identity(settings, prepared.fingerprint)
+    identity = resume_rules.run_identity(settings, prepared.fingerprint, base_weights=recipe.base_identity["weights"],
+                                         precision=f"{precision.name}/{precision.model_dtype}",
+                                         world_size=args.world_size)
     resume_from = None
     if resume:
         resume_from = resume_rules.choose_checkpoint(out, identity)
@@ -427,10 +428,11 @@ def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDat
         log.info("removing the previous adapter in %s", adapter_dir)
         shutil.rmtree(adapter_dir)
 
+    model = recipe.base_model()
     set_seed(settings.training.seed)  # LoRA's A matrices are initialised from this
-    model = modeling.load_base_model(settings, precision)
     model = modeling.apply_lora(model, settings.lora, base_model=settings.model.name_or_path,
                                 revision=settings.model.revision)
+    recipe.adopt(model)
 
     progress = progress_callback_class()(out)
     trainer = _trainer_class()(
@@ -452,7 +454,7 @@ def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDat
 
     done = _steps_already_done(resume_from, settings)
     if done is not None:
-        return _finish_from_checkpoint(settings, resume_from, done, out, adapter_dir, prepared, precision, main)
+        return _finish_from_checkpoint(settings, resume_from, done, out, adapter_dir, recipe, main)
 
     t0 = time.perf_counter()
     tokens_before = trainer.state.num_input_tokens_seen
@@ -472,7 +474,7 @@ def _train(settings: Settings, out: Path, *, resume: bool, prepared: PreparedDat
         precision=precision.name,
         trainable_params=modeling.trainable_parameters(model),
         base_model=settings.model.name_or_path, base_model_revision=settings.model.revision,
-        base_model_identity=modeling.base_model_identity(settings) if main else {},
+        base_model_identity=recipe.base_identity if main else {},
         dataset_source=settings.data.source, dataset_fingerprint=prepared.fingerprint,
     )
 

@@ -15,31 +15,39 @@ POLL_S = 2.0
 
 
 def deployment_parameters(config, overrides: list[str], deployment_parameters: dict[str, Any]) -> dict[str, Any]:
-    """The run's `settings` parameter. Without --config: the deployment's own settings with the
-    --set overrides on top. With --config: that file's settings (and --set), the storage location
-    left to the workers' environment (it is theirs, not this shell's), and the deployment's routing
-    of training (`prefect.train_deployment`, e.g. to the gpu pool) kept unless the file set one."""
-    import copy
+    """The run's `settings` parameter: its whole spec, resolved here, once (loraflow.run_spec).
 
-    from loraflow.settings import load_settings, parse_override
+    Without --config: the deployment's own settings, this shell's LORAFLOW_* for what they leave
+    out, and --set on top. With --config: that file's settings (with this shell's LORAFLOW_* and
+    --set), keeping the deployment's routing of training (`prefect.train_deployment`, e.g. to the
+    gpu pool) unless the file sets one.
 
-    own_settings = (deployment_parameters.get("settings") or {})
+    The storage location is sent whole, or not at all: when this shell names an endpoint, the
+    endpoint, bucket and prefix it resolved go with the run; when it names none, the run carries no
+    location and the workers' environment supplies all of it. A bucket or prefix without an
+    endpoint would mix two locations, so it is refused here, in one line."""
+    from loraflow.settings import load_settings
+
+    own = deployment_parameters.get("settings") or {}
     if config is None:
-        data = copy.deepcopy(own_settings)
-        for item in overrides:
-            path, value = parse_override(item)
-            node = data
-            for part in path[:-1]:
-                node = node.setdefault(part, {})
-            node[path[-1]] = value
-        load_settings(overrides=overrides, **{k: v for k, v in data.items() if isinstance(v, dict)})  # fail here, not on a worker
-        return {"settings": data}
-    data = load_settings(config, overrides).model_dump(mode="json")
-    for field in ("endpoint_url", "region", "profile"):
-        data["storage"][field] = None
-    own = own_settings.get("prefect") or {}
-    if data["prefect"].get("train_deployment") is None and own.get("train_deployment"):
-        data["prefect"]["train_deployment"] = own["train_deployment"]
+        spec = load_settings(overrides=overrides, **{k: v for k, v in own.items() if isinstance(v, dict)})
+    else:
+        spec = load_settings(config, overrides)
+        routing = (own.get("prefect") or {}).get("train_deployment")
+        if "train_deployment" not in spec.prefect.model_fields_set and routing:
+            spec.prefect.train_deployment = routing
+    data = spec.model_dump(mode="json")
+    storage = spec.storage
+    if storage.endpoint_url == "local":
+        raise ConfigError("storage.endpoint_url=local: the workers never publish to a machine-local store; name the "
+                          "store they share (an S3 endpoint URL, or `aws`), or leave the location to their environment")
+    if storage.endpoint_url is None:
+        named = [f for f in ("bucket", "prefix", "region", "profile") if f in storage.model_fields_set
+                 and getattr(storage, f) != type(storage).model_fields[f].default]
+        if named:
+            raise ConfigError(f"storage.{named[0]} is set but storage.endpoint_url is not: a run's storage location is "
+                              "one unit; give storage.endpoint_url too, or leave the whole location to the workers")
+        del data["storage"]
     return {"settings": data}
 
 

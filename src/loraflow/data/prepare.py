@@ -87,14 +87,15 @@ def compute_fingerprints(data: DataSettings, seed: int, tok_id: dict[str, Any], 
     The eval fingerprint leaves out `packing` and everything about the train split: with
     per-document position ids the eval loss of a document does not depend on what shares its row,
     so two runs with these equal were scored on exactly the same tokens."""
+    from loraflow.settings import result_role
+
     tokenisation = {"tokenizer": {k: v for k, v in tok_id.items() if k != "name_or_path"},
                     "max_length": data.max_length}
-    settings = {
-        "format": FORMAT_VERSION, **tokenisation, "packing": data.packing, "clean_html": data.clean_html,
-        "text_column": data.text_column, "train_split": data.train_split, "eval_split": data.eval_split,
-        "eval_size": data.eval_size, "max_train_samples": data.max_train_samples,
-        "max_eval_samples": data.max_eval_samples, "seed": seed,
-    }
+    # Every data setting that changes the rows (settings.result_role); where the data came from
+    # (`source` role) is left out: the texts themselves are hashed.
+    shaping = {name: getattr(data, name) for name, field in type(data).model_fields.items()
+               if result_role(field) not in ("source", "inert") and name != "max_length"}
+    settings = {"format": FORMAT_VERSION, **tokenisation, **shaping, "seed": seed}
     full = _sha({"settings": settings, "train": train_sha, "eval": eval_sha})
     eval_only = _sha({"format": FORMAT_VERSION, **tokenisation, "eval": eval_sha})
     return full[:32], eval_only[:32]
@@ -153,6 +154,9 @@ def prepare_dataset(settings: Settings, tokenizer: Any, *, model_max_positions: 
     data, seed = settings.data, settings.training.seed
     check_max_length(data, tokenizer, model_max_positions)
     t0 = time.perf_counter()
+    from loraflow.loads import count
+
+    count("dataset")  # read and hashed: once per run (loraflow.recipe)
     records = load_records(data, settings.storage, seed=seed)
     tok_id = tokenizer_identity(tokenizer)
     fingerprint, eval_fingerprint = compute_fingerprints(

@@ -43,11 +43,12 @@ def upload_assets(settings, assets) -> None:
 def printed_pull_command(result: dict, settings) -> str:
     """The pull command as a user can run it in a new shell: plain when a command with no endpoint
     configured falls back to the local store, as the demo used; else naming the store."""
-    from loraflow.settings import Settings
+    from loraflow.settings import load_settings
     from loraflow.storage.client import uses_local_store
 
     command = f"loraflow pull {result['name']}=={result['version']}"
-    if settings.storage.endpoint_url == "local" and not uses_local_store(Settings().storage):
+    # What a new shell's command would resolve to (this environment, no --set).
+    if settings.storage.endpoint_url == "local" and not uses_local_store(load_settings().storage):
         command += " --set storage.endpoint_url=local"
     return command
 
