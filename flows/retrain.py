@@ -176,6 +176,12 @@ def _retrain(settings: Settings) -> Any:
     started = time.perf_counter()
     run_key = current_run_key()
     timings: dict[str, float] = {}
+    # The run's parameters may be partial (a Quick run): what it follows, in full, is shown with it.
+    import json
+
+    create_markdown_artifact(key=_artifact_key(settings.registry.adapter_name, "spec"),
+                             markdown=f"```json\n{json.dumps(settings.public_dict(), indent=2)}\n```\n",
+                             description="the run's resolved settings (its spec)")
 
     t = time.perf_counter()
     check = change_check_task(settings)
