@@ -133,9 +133,6 @@ def _history(args) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    if not rows:
-        print(f"{args.name}@{alias}: no recorded moves")
-        return 0
     table = [["WHEN", "FROM", "TO", "ACTOR", "REASON"]]
     for r in rows:
         table.append([r.get("at") or "?", r.get("from") or "-", r["to"], r.get("actor") or "?", r.get("reason") or ""])
@@ -163,6 +160,9 @@ def _versions(args) -> int:
     settings = settings_from_args(args)
     rows = list_versions(settings, args.name)
     if not rows:
+        from loraflow.registry.catalog import open_registry, require_adapter
+
+        require_adapter(*open_registry(settings, args.name))
         raise StorageError(f"no versions of adapter {args.name!r} in s3://{settings.storage.bucket}"
                            f"/{settings.storage.prefix.strip('/') + '/' if settings.storage.prefix.strip('/') else ''}"
                            f"adapters/{args.name}/")
@@ -225,7 +225,9 @@ def _gc(args) -> int:
 
     if args.keep_champions is not None and args.keep_last is None:
         raise ConfigError("--keep-champions only applies with --keep-last N")
-    report = gc_adapter(settings_from_args(args), args.name, grace_seconds=args.grace, dry_run=args.dry_run,
+    settings = settings_from_args(args)
+    _require_something_to_collect(settings, args.name)
+    report = gc_adapter(settings, args.name, grace_seconds=args.grace, dry_run=args.dry_run,
                         keep_last=args.keep_last, keep_champions=args.keep_champions)
     verb = "would remove" if args.dry_run else "removed"
     if args.keep_last is not None:
@@ -235,13 +237,37 @@ def _gc(args) -> int:
             print(f"  - {version}")
         for version, why in report.retained.items():
             print(f"  = {version}  ({why})")
-    print(f"{verb} {len(report.removed_versions)} incomplete version(s) ({report.removed_objects} objects), "
-          f"{report.removed_locks} expired lock claim(s), {report.aborted_uploads} stale multipart upload(s); "
+    uploads = f"{report.aborted_uploads} stale multipart upload(s)"
+    if report.aborted_uploads and report.aborted_bytes is not None:
+        uploads += f" ({_size(report.aborted_bytes)})"
+    print(f"{verb} {len(report.removed_versions)} incomplete version(s) ({report.removed_objects} objects, "
+          f"{_size(report.removed_bytes)}), {report.removed_locks} expired lock claim(s), "
+          f"{'would abort' if args.dry_run else 'aborted'} {uploads}, "
+          f"{report.removed_temp_files} orphaned upload temp file(s) ({_size(report.removed_temp_bytes)}); "
           f"kept {len(report.kept_recent)} recent incomplete version(s)")
     for version in report.removed_versions:
         print(f"  {version}")
     _gc_checkpoints(args, verb)
     return 0
+
+
+def _require_something_to_collect(settings, name: str) -> None:
+    """`gc NAME` for a NAME with neither objects in the registry nor training checkpoints is a typo."""
+    from loraflow.checkpoints import abandoned_runs
+    from loraflow.registry.catalog import adapter_exists, open_registry, require_adapter
+    from loraflow.registry.layout import check_name
+    from loraflow.storage.local import served_root
+
+    store, layout = open_registry(settings, check_name(name))
+    if adapter_exists(store, layout):
+        return
+    root = served_root(settings.storage)
+    if root is not None and (root / store.bucket / layout.root).is_dir():
+        return  # only rclone's hidden upload files are left of it: gc removes those
+    stale, recent = abandoned_runs(settings.storage, 0)
+    if any(run.adapter_name == name for run in (*stale, *recent)):
+        return
+    require_adapter(store, layout)
 
 
 def _gc_checkpoints(args, verb: str) -> None:

@@ -37,7 +37,7 @@ from loraflow.errors import ConfigError, StorageError
 from loraflow.log import get_logger
 from loraflow.registry.alias_object import read_alias
 from loraflow.registry.history import append_event, default_actor, move_event
-from loraflow.registry.layout import Layout, check_name, check_version
+from loraflow.registry.layout import NAME_RE, Layout, check_name, check_version
 from loraflow.registry.manifest import now_iso
 from loraflow.storage.store import Store, error_code
 
@@ -113,7 +113,7 @@ def list_aliases(store: Store, layout: Layout) -> dict[str, str]:
     out = {}
     for obj in store.list(layout.aliases_prefix):
         alias = obj["Key"][len(layout.aliases_prefix):]
-        if alias.endswith(".json") and "/" not in alias:
+        if alias.endswith(".json") and NAME_RE.fullmatch(alias[:-5]) and ".." not in alias:
             version = current_version(store, layout, alias[:-5])
             if version:
                 out[alias[:-5]] = version
@@ -250,6 +250,9 @@ class AliasLock:
 
 def _require_version(store: Store, layout: Layout, version: str) -> None:
     if not store.exists(layout.manifest_key(check_version(version))):
+        from loraflow.registry.catalog import require_adapter
+
+        require_adapter(store, layout)
         raise StorageError(f"version {version} of adapter {layout.name!r} does not exist "
                            f"(no manifest under {layout.uri(layout.version_prefix(version))})")
 

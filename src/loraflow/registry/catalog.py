@@ -12,7 +12,7 @@ from loraflow import events
 from loraflow.errors import ConfigError, StorageError
 from loraflow.registry.aliases import ANY, AliasConflictError, compare_and_swap, current_version, list_aliases, move_alias
 from loraflow.registry.history import read_history
-from loraflow.registry.layout import MANIFEST, Layout, check_name, check_version
+from loraflow.registry.layout import MANIFEST, VERSION_RE, Layout, check_name, check_version
 from loraflow.registry.manifest import validate_manifest
 from loraflow.storage.store import Store
 
@@ -21,13 +21,56 @@ def open_registry(settings, name: str) -> tuple[Store, Layout]:
     return Store(settings.storage), Layout.for_name(settings.storage, name)
 
 
+def adapter_exists(store: Store, layout: Layout) -> bool:
+    """Anything at all under the adapter's prefix (versions, aliases, leftovers)."""
+    with store.errors(f"list {layout.uri()}"):
+        resp = store.client.list_objects_v2(Bucket=store.bucket, Prefix=layout.root, MaxKeys=1)
+    return bool(resp.get("KeyCount") or resp.get("Contents"))
+
+
+def require_adapter(store: Store, layout: Layout) -> None:
+    """A registry command on an adapter that does not exist is an error (a typo is not an empty
+    result): one line naming where it looked and, when there are some, the adapters that exist."""
+    if adapter_exists(store, layout):
+        return
+    store.check_bucket()
+    top = layout.root[: -len(f"{layout.name}/")]
+    with store.errors(f"list s3://{store.bucket}/{top}"):
+        resp = store.client.list_objects_v2(Bucket=store.bucket, Prefix=top, Delimiter="/", MaxKeys=50)
+    names = sorted(p["Prefix"][len(top):].rstrip("/") for p in resp.get("CommonPrefixes", []))
+    names = [n for n in names if not n.startswith(".")]
+    known = f" (adapters there: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''})" if names else ""
+    raise StorageError(f"no adapter named {layout.name!r} in s3://{store.bucket}/{top}{known}")
+
+
+def require_alias(store: Store, layout: Layout, alias: str) -> None:
+    """Raise unless the adapter exists and has `alias`, naming the aliases it has."""
+    require_adapter(store, layout)
+    aliases = sorted(list_aliases(store, layout))
+    raise StorageError(f"adapter {layout.name!r} has no alias {alias!r}"
+                       f" (its aliases: {', '.join(aliases) if aliases else 'none'})")
+
+
 def fetch_manifest(store: Store, layout: Layout, version: str) -> dict:
     key = layout.manifest_key(check_version(version))
     got = store.get_json(key)
     if got is None:
+        require_adapter(store, layout)
         raise StorageError(f"version {version} of adapter {layout.name!r} does not exist "
                            f"(no manifest at {layout.uri(key)})")
-    return validate_manifest(got[0], layout.uri(key))
+    return check_identity(validate_manifest(got[0], layout.uri(key)), layout, version, layout.uri(key))
+
+
+def check_identity(manifest: dict, layout: Layout, version: str, where: str) -> dict:
+    """A manifest says which adapter and version it describes; it must be the ones its key names,
+    so a manifest copied under another version (or another adapter) is refused, not served as them."""
+    from loraflow.errors import IntegrityError
+
+    for field, expected in (("name", layout.name), ("version", version)):
+        if manifest.get(field) != expected:
+            raise IntegrityError(f"{where}: manifest says {field} {manifest.get(field)!r}, but it was read "
+                                 f"from {field} {expected!r}; refusing it")
+    return manifest
 
 
 def read_manifest(settings, name: str, version: str) -> dict:
@@ -36,6 +79,7 @@ def read_manifest(settings, name: str, version: str) -> dict:
 
 
 def get_alias(settings, name: str, alias: str) -> str | None:
+    # None for an adapter not published yet too: the flows ask this before the first publish.
     store, layout = open_registry(settings, name)
     return current_version(store, layout, check_name(alias, "alias"))
 
@@ -64,7 +108,10 @@ def alias_history(settings, name: str, alias: str, limit: int | None = None) -> 
     """Every move of `alias`, newest first: seq, from, to, at, actor, reason."""
     store, layout = open_registry(settings, name)
     store.check_bucket()
-    return read_history(store, layout, check_name(alias, "alias"), limit)
+    rows = read_history(store, layout, check_name(alias, "alias"), limit)
+    if not rows:
+        require_alias(store, layout, alias)  # an alias that exists has at least the move that made it
+    return rows
 
 
 def rollback_alias(settings, name: str, alias: str, *, to: str | None = None, actor: str | None = None,
@@ -76,7 +123,7 @@ def rollback_alias(settings, name: str, alias: str, *, to: str | None = None, ac
     store.check_bucket()
     current = current_version(store, layout, alias)
     if current is None:
-        raise StorageError(f"adapter {name!r} has no alias {alias!r}: nothing to roll back")
+        require_alias(store, layout, alias)
     if to is None:
         previous = next((e.get("from") for e in read_history(store, layout, alias) if e.get("to") == current), None)
         if previous is None:
@@ -95,6 +142,7 @@ def rollback_alias(settings, name: str, alias: str, *, to: str | None = None, ac
         return to
 
     if not store.exists(layout.manifest_key(to)):
+        require_adapter(store, layout)
         raise StorageError(f"version {to} of adapter {name!r} does not exist "
                            f"(no manifest under {layout.uri(layout.version_prefix(to))})")
     compare_and_swap(store, layout, alias, decide, actor=actor, reason=reason)
@@ -108,8 +156,8 @@ def complete_versions(store: Store, layout: Layout) -> list[str]:
     for obj in store.list(layout.versions_prefix):
         rel = obj["Key"][len(layout.versions_prefix):]
         version, _, file_name = rel.partition("/")
-        if file_name == MANIFEST:
-            versions.add(version)
+        if file_name == MANIFEST and VERSION_RE.fullmatch(version):
+            versions.add(version)  # a key outside the version pattern was not written by publish
     return sorted(versions)
 
 

@@ -2,6 +2,15 @@
 manifest whose newest object is older than the grace period is garbage (its publisher died or gave
 up); so are lock claims past their lease and multipart uploads abandoned before the grace period.
 
+A multipart upload's parts are not objects: the server keeps them aside (rclone in a hidden
+`.rclone_temp_multipart_<id>` file beside the key, AWS in storage it bills) until the upload is
+completed or aborted. gc aborts what ListMultipartUploads shows. An upload whose *server* died
+(the embedded local store dies with a killed publish) is forgotten by the restarted server and
+listed nowhere, yet its temporary file stays on disk; where this process knows the directory
+behind the endpoint (the local store, or a server it started) gc removes those files too, and the
+report counts the bytes it freed. For any other server it cannot see them, and says nothing it did
+not do.
+
 Retention (`--keep-last N`) also deletes complete versions, oldest first, except the newest N, any
 version an alias points at, and any version that held `champion` (registry.promote_alias) in the
 alias's last K moves (`--keep-champions K`, registry.gc_keep_champions), so a rollback always has
@@ -33,7 +42,11 @@ class GcReport:
     removed_objects: int = 0
     kept_recent: list[str] = field(default_factory=list)  # incomplete but younger than the grace period
     removed_locks: int = 0
+    removed_bytes: int = 0  # of the incomplete versions' objects
     aborted_uploads: int = 0
+    aborted_bytes: int | None = 0  # parts of the aborted uploads (None: the server cannot list parts)
+    removed_temp_files: int = 0  # rclone temporary files no upload owns any more
+    removed_temp_bytes: int = 0
     deleted_versions: list[str] = field(default_factory=list)  # complete versions removed by retention
     retained: dict[str, str] = field(default_factory=dict)  # version -> why retention kept it
 
@@ -66,6 +79,7 @@ def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_r
             report.kept_recent.append(version)
             continue
         report.removed_versions.append(version)
+        report.removed_bytes += sum(o.get("Size", 0) for o in objs)
         doomed.extend(o["Key"] for o in objs)
 
     lock_root = f"{layout.root}locks/"
@@ -78,7 +92,10 @@ def gc_adapter(settings, name: str, *, grace_seconds: float | None = None, dry_r
     report.removed_objects = len(doomed) - report.removed_locks
     if doomed and not dry_run:
         store.delete(doomed)
-    report.aborted_uploads = _abort_stale_uploads(store, layout.versions_prefix, grace, dry_run)
+    report.aborted_uploads, report.aborted_bytes = _abort_stale_uploads(store, layout.versions_prefix, grace,
+                                                                        dry_run)
+    _remove_orphaned_temp_files(store, layout, grace, dry_run, report, complete=set(groups) - set(
+        report.removed_versions) - set(report.kept_recent))
     for version in report.removed_versions:
         log.info("%s incomplete version %s of %s", "would remove" if dry_run else "removed", version, name)
     return report
@@ -122,26 +139,100 @@ def _aliases_of(store, layout, version: str) -> list[str]:
     return sorted(a for a, v in list_aliases(store, layout).items() if v == version)
 
 
-def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> int:
+def _abort_stale_uploads(store, prefix: str, grace: float, dry_run: bool) -> tuple[int, int | None]:
+    """Abort the multipart uploads under `prefix` started before the grace period; returns how many
+    and the bytes their parts held (None when the server does not list parts)."""
     from botocore.exceptions import ClientError
 
-    try:
-        resp = store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=prefix)
-    except ClientError as exc:
-        if error_code(exc) in ("NotImplemented", "501", "NoSuchUpload"):
-            return 0  # no resumable uploads kept (rclone answers NoSuchUpload when there are none)
-        with store.errors(f"list uploads in s3://{store.bucket}/{prefix}"):
-            raise
+    uploads: list[dict] = []
+    kwargs: dict = {"Bucket": store.bucket, "Prefix": prefix}
+    while True:
+        try:
+            resp = store.client.list_multipart_uploads(**kwargs)
+        except ClientError as exc:
+            if error_code(exc) in ("NotImplemented", "501", "NoSuchUpload"):
+                break  # no resumable uploads kept (rclone answers NoSuchUpload when there are none)
+            with store.errors(f"list uploads in s3://{store.bucket}/{prefix}"):
+                raise
+        except Exception as exc:  # noqa: BLE001 - connection errors: one line, like every storage call
+            with store.errors(f"list uploads in s3://{store.bucket}/{prefix}"):
+                raise exc from None
+        uploads.extend(resp.get("Uploads", []))
+        if not resp.get("IsTruncated"):
+            break
+        kwargs.update(KeyMarker=resp.get("NextKeyMarker"), UploadIdMarker=resp.get("NextUploadIdMarker"))
     now = datetime.now(timezone.utc)
-    count = 0
-    for upload in resp.get("Uploads", []):
-        if (now - upload["Initiated"]).total_seconds() >= grace:
-            count += 1
-            if not dry_run:
-                with store.errors(f"abort upload of s3://{store.bucket}/{upload['Key']}"):
-                    store.client.abort_multipart_upload(Bucket=store.bucket, Key=upload["Key"],
-                                                        UploadId=upload["UploadId"])
-    return count
+    count, size = 0, 0
+    for upload in uploads:
+        if (now - upload["Initiated"]).total_seconds() < grace:
+            continue
+        count += 1
+        if size is not None:
+            size = _parts_size(store, upload, size)
+        if dry_run:
+            continue
+        with store.errors(f"abort upload of s3://{store.bucket}/{upload['Key']}"):
+            try:
+                store.client.abort_multipart_upload(Bucket=store.bucket, Key=upload["Key"],
+                                                    UploadId=upload["UploadId"])
+            except ClientError as exc:
+                if error_code(exc) != "NoSuchUpload":  # completed or aborted meanwhile: gone either way
+                    raise
+    return count, size
+
+
+def _parts_size(store, upload: dict, size: int) -> int | None:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        pages = store.client.get_paginator("list_parts").paginate(
+            Bucket=store.bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        return size + sum(part.get("Size", 0) for page in pages for part in page.get("Parts", []))
+    except (ClientError, BotoCoreError):
+        return None
+
+
+TEMP_PREFIX = ".rclone_temp_"  # rclone serve s3's in-flight PUTs and multipart uploads
+
+
+def _remove_orphaned_temp_files(store, layout, grace: float, dry_run: bool, report: GcReport,
+                                complete: set[str]) -> None:
+    """rclone's temporary upload files under this adapter's versions, untouched for the grace
+    period: no live upload owns them (the ones ListMultipartUploads showed were aborted above, and
+    rclone removed their files). Only where this process knows the served directory."""
+    import os
+
+    from loraflow.storage.local import served_root
+
+    root = served_root(store.storage)
+    if root is None:
+        return
+    versions_dir = root / store.bucket / layout.versions_prefix
+    if not versions_dir.is_dir():
+        return
+    cutoff = time.time() - grace
+    for path in sorted(versions_dir.rglob(TEMP_PREFIX + "*")):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        if not path.is_file() or st.st_mtime > cutoff:
+            continue
+        version = path.relative_to(versions_dir).parts[0]
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        report.removed_temp_files += 1
+        report.removed_temp_bytes += st.st_size
+        if version not in complete and version not in report.removed_versions and version not in report.kept_recent:
+            report.removed_versions.append(version)  # a version whose only trace was its upload's temp file
+    if dry_run:
+        return
+    for folder in sorted((p for p in versions_dir.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        try:
+            if not any(folder.iterdir()) and folder.stat().st_mtime <= cutoff:
+                os.rmdir(folder)  # an empty version folder holds nothing any reader can see
+        except OSError:
+            pass
 
 
 @dataclass

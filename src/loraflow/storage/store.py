@@ -14,7 +14,7 @@ from typing import Any
 
 from loraflow.errors import IntegrityError, StorageError
 from loraflow.log import get_logger
-from loraflow.storage.client import cached_client, describe_client_error, endpoint_of
+from loraflow.storage.client import DeadlineExceeded, cached_client, describe_client_error, endpoint_of
 
 log = get_logger("storage")
 
@@ -63,6 +63,22 @@ def error_code(exc: Exception) -> str | None:
     return None
 
 
+def _os_cause(exc: OSError) -> str:
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return f"{exc.strerror or type(exc).__name__}{where}" if exc.strerror else f"{type(exc).__name__}: {exc}"
+
+
+def _remove_partial(path: Path) -> None:
+    """`path` and s3transfer's temporary siblings of it (`<name>.<8 random characters>`)."""
+    try:
+        path.unlink(missing_ok=True)
+        for sibling in path.parent.glob(f"{path.name}.*"):
+            if len(sibling.name) == len(path.name) + 9:
+                sibling.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _is_missing(exc: Exception) -> bool:
     return error_code(exc) in ("NoSuchKey", "404", "NotFound")
 
@@ -77,15 +93,32 @@ class Store:
 
     @contextmanager
     def errors(self, what: str) -> Iterator[None]:
+        """Every failure inside becomes one StorageError line starting with `what` (which names the
+        object): the server's answer, the network, or the local disk (a full disk, a read-only
+        folder); s3transfer's wrappers are unwrapped to the cause."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
+        from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
 
         try:
             yield
-        except (ClientError, BotoCoreError) as exc:
+        except StorageError:
+            raise
+        except (ClientError, BotoCoreError, DeadlineExceeded) as exc:
             if error_code(exc) == "NoSuchBucket":
                 raise StorageError(f"{what}: bucket {self.bucket!r} does not exist on "
                                    f"{endpoint_of(self.client)}") from None
             raise describe_client_error(exc, what) from None
+        except (Boto3Error, TransferRetriesExceeded) as exc:
+            cause = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
+            if isinstance(cause, (ClientError, BotoCoreError, DeadlineExceeded)):
+                raise describe_client_error(cause, what) from None
+            if isinstance(cause, OSError):
+                raise StorageError(f"{what}: {_os_cause(cause)}") from None
+            # S3UploadFailedError's text already holds the server's answer, after a colon.
+            raise StorageError(f"{what}: {str(exc).split(': ', 1)[-1]}") from None
+        except OSError as exc:
+            raise StorageError(f"{what}: {_os_cause(exc)}") from None
 
     def check_bucket(self) -> None:
         with self.errors(f"s3://{self.bucket}"):
@@ -185,10 +218,17 @@ class Store:
             self.client.upload_file(str(path), self.bucket, key, Config=transfer_config())
 
     def download_file(self, key: str, path: Path) -> None:
-        with self.errors(f"download s3://{self.bucket}/{key}"):
-            try:
-                self.client.download_file(self.bucket, key, str(path), Config=download_config())
-            except Exception as exc:
-                if _is_missing(exc):
-                    raise StorageError(f"s3://{self.bucket}/{key}: object is missing") from None
-                raise
+        """Download to `path`; on any failure nothing of it is left (neither `path` nor
+        s3transfer's temporary sibling)."""
+        path = Path(path)
+        try:
+            with self.errors(f"download s3://{self.bucket}/{key} to {path}"):
+                try:
+                    self.client.download_file(self.bucket, key, str(path), Config=download_config())
+                except Exception as exc:
+                    if _is_missing(exc):
+                        raise StorageError(f"s3://{self.bucket}/{key}: object is missing") from None
+                    raise
+        except BaseException:
+            _remove_partial(path)
+            raise
