@@ -32,20 +32,24 @@ bench: venv
 	$(PY) bench/train_throughput.py
 	$(PY) bench/storage.py
 
-# The local stack on loopback: S3 (rclone), Prefect server + UI, one worker per pool, deployments applied.
+# The local stack on loopback: S3 (rclone), Prefect server + UI, one worker per pool, deployments
+# applied with their schedules paused. Pid files, logs and the env file go to LORAFLOW_RUN_DIR.
+LORAFLOW_RUN_DIR ?= .loraflow/run
+export LORAFLOW_RUN_DIR
 up: venv
 	VENV=$(VENV) deployments/up.sh
 
+# Stops `make serve` too; exit 1 only when something had to be killed.
 down:
 	deployments/down.sh
 
 # The reference service next to `make up`'s stack: follows SERVE_REF and hot-swaps on every move
-# (docs/serving.md). Ctrl-C stops it.
+# (docs/serving.md). Ctrl-C stops it, and so does `make down` (exec keeps the recorded pid the service's).
 SERVE_REF ?= smollm2-imdb@champion
 SERVE_PORT ?= 8000
 serve: venv
-	@test -f .loraflow/run/env || { echo "make serve: no .loraflow/run/env; run make up first" >&2; exit 1; }
-	source .loraflow/run/env && $(LORAFLOW) serve $(SERVE_REF) --port $(SERVE_PORT)
+	@test -f $(LORAFLOW_RUN_DIR)/env || { echo "make serve: no $(LORAFLOW_RUN_DIR)/env; run make up first" >&2; exit 1; }
+	source $(LORAFLOW_RUN_DIR)/env && echo $$$$ > $(LORAFLOW_RUN_DIR)/serve.pid && exec $(LORAFLOW) serve $(SERVE_REF) --port $(SERVE_PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache lora-dialogpt runs .loraflow

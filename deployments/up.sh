@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Start loraflow's local stack on loopback: an S3-compatible server (rclone serve s3), a Prefect
-# server with its UI, one worker per work pool (cpu, gpu), and apply deployments/prefect.yaml.
-# Everything it starts is recorded in $LORAFLOW_RUN_DIR/*.pid; deployments/down.sh stops it.
+# server with its UI, one worker per work pool (cpu, gpu), and apply deployments/prefect.yaml with
+# its schedules paused (they train the seed recipe; a local stack runs only what its user starts).
+# Everything it starts is recorded in $LORAFLOW_RUN_DIR/*.pid; deployments/down.sh stops it. It ends
+# with the UI's URL, the deployments and the command that starts a run.
 #
-# Knobs (environment): LORAFLOW_RUN_DIR (.loraflow/run), PREFECT_PORT (4200), S3_PORT (9000),
-# S3_ROOT ($LORAFLOW_HOME/s3: the same local store as `make demo` and `loraflow storage serve`),
-# S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (default: the local store's
-# generated pair), VENV (.venv).
+# Knobs (environment): LORAFLOW_HOME (~/.cache/loraflow: the store, caches; the workers and
+# $LORAFLOW_RUN_DIR/env use the same), LORAFLOW_RUN_DIR (.loraflow/run), PREFECT_PORT (4200),
+# S3_PORT (9000), S3_ROOT ($LORAFLOW_HOME/s3: the same local store as `make demo` and `loraflow
+# storage serve`), S3_BUCKET (loraflow), AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (default: the
+# local store's generated pair), VENV (.venv, relative to the checkout or absolute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
-VENV=${VENV:-.venv}
-PY="$ROOT/$VENV/bin/python"
-PREFECT="$ROOT/$VENV/bin/prefect"
+VENV=$(cd "${VENV:-.venv}" && pwd)
+PY="$VENV/bin/python"
+PREFECT="$VENV/bin/prefect"
 RUN_DIR=$(mkdir -p "${LORAFLOW_RUN_DIR:-.loraflow/run}" && cd "${LORAFLOW_RUN_DIR:-.loraflow/run}" && pwd)
 PREFECT_PORT=${PREFECT_PORT:-4200}
 S3_PORT=${S3_PORT:-9000}
-S3_ROOT=${S3_ROOT:-${LORAFLOW_HOME:-$HOME/.cache/loraflow}/s3}
+# Absolute, so the workers, `make serve` and a shell that sources the env file use this one store.
+LORAFLOW_HOME=$("$PY" -c "from loraflow.paths import home; print(home().resolve())")
+export LORAFLOW_HOME
+S3_ROOT=${S3_ROOT:-$LORAFLOW_HOME/s3}
 S3_BUCKET=${S3_BUCKET:-loraflow}
 
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
@@ -73,25 +79,33 @@ done
 # One training job at a time per GPU machine; raise it with more GPU workers.
 "$PREFECT" work-pool set-concurrency-limit gpu 1 >/dev/null
 
-(cd "$ROOT" && "$PREFECT" --no-prompt deploy --all --prefect-file deployments/prefect.yaml) >"$RUN_DIR/deploy.log" 2>&1 \
+# prefect.yaml's schedules are for real sites; here they are applied paused (local_stack.py says why).
+"$PY" deployments/local_stack.py paused-copy deployments/prefect.yaml "$RUN_DIR/prefect.local.yaml"
+# From the checkout: the deployments' pull step records this directory, where the entrypoints live.
+"$PREFECT" --no-prompt deploy --all --prefect-file "$RUN_DIR/prefect.local.yaml" >"$RUN_DIR/deploy.log" 2>&1 \
   || { echo "up: prefect deploy failed, see $RUN_DIR/deploy.log" >&2; exit 1; }
-echo "up: deployments applied (retrain/retrain-imdb, train-adapter/train-adapter)"
+"$PY" deployments/local_stack.py settle "$RUN_DIR/prefect.local.yaml"
 
 start worker-cpu "$PREFECT" worker start --pool cpu --type process --name "local-cpu"
 start worker-gpu "$PREFECT" worker start --pool gpu --type process --name "local-gpu"
 
-cat >"$RUN_DIR/env" <<ENV
-# source this file to talk to the local stack (loraflow CLI, prefect CLI)
-export PATH="$ROOT/$VENV/bin:\$PATH"
-export PREFECT_API_URL=$PREFECT_API_URL
-export PREFECT_HOME=$PREFECT_HOME
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_LOGGING_EXTRA_LOGGERS=loraflow PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore
-export LORAFLOW_STORAGE__ENDPOINT_URL=$LORAFLOW_STORAGE__ENDPOINT_URL
-export LORAFLOW_STORAGE__REGION=us-east-1
-export LORAFLOW_STORAGE__BUCKET=$S3_BUCKET
-export AWS_ACCESS_KEY_ID=$AWS_ACCESS_KEY_ID
-export AWS_SECRET_ACCESS_KEY=$AWS_SECRET_ACCESS_KEY
-ENV
-echo "up: Prefect UI   http://127.0.0.1:$PREFECT_PORT"
+# It holds the store's secret: created owner-only (mktemp makes 0600 files) and renamed into place,
+# so no other user can read it at any moment, whatever mode an older env file had.
+ENV_TMP=$(mktemp "$RUN_DIR/.env.XXXXXX")
+{
+  echo "# source this file to talk to the local stack (loraflow CLI, prefect CLI); written by deployments/up.sh"
+  printf 'export PATH=%q:"$PATH"\n' "$VENV/bin"
+  printf 'export LORAFLOW_HOME=%q\n' "$LORAFLOW_HOME"
+  printf 'export PREFECT_API_URL=%q\n' "$PREFECT_API_URL"
+  printf 'export PREFECT_HOME=%q\n' "$PREFECT_HOME"
+  echo "export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_LOGGING_EXTRA_LOGGERS=loraflow PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore"
+  printf 'export LORAFLOW_STORAGE__ENDPOINT_URL=%q\n' "$LORAFLOW_STORAGE__ENDPOINT_URL"
+  echo "export LORAFLOW_STORAGE__REGION=us-east-1"
+  printf 'export LORAFLOW_STORAGE__BUCKET=%q\n' "$S3_BUCKET"
+  printf 'export AWS_ACCESS_KEY_ID=%q\n' "$AWS_ACCESS_KEY_ID"
+  printf 'export AWS_SECRET_ACCESS_KEY=%q\n' "$AWS_SECRET_ACCESS_KEY"
+} >"$ENV_TMP"
+mv -f "$ENV_TMP" "$RUN_DIR/env"
+
 echo "up: S3 endpoint  http://127.0.0.1:$S3_PORT (bucket $S3_BUCKET, files under $S3_ROOT)"
-echo "up: use it from a shell with: source $RUN_DIR/env"
+"$PY" deployments/local_stack.py summary --run-dir "$RUN_DIR" --root "$ROOT" --ui "http://127.0.0.1:$PREFECT_PORT"

