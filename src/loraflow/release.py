@@ -100,5 +100,5 @@ def write_release(adapter_dir: str | Path, dest: str | Path | None = None, *, se
     (dest / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     if snapshot:
         (dest / SETTINGS_SNAPSHOT).write_text(yaml.safe_dump(snapshot, sort_keys=False))
-    (dest / MODEL_CARD).write_text(render_model_card(metrics, snapshot, name))
+    (dest / MODEL_CARD).write_text(render_model_card(metrics, snapshot, name, settings=settings))
     return dest
