@@ -78,6 +78,26 @@ def overconfident_adapter(model_dir: Path, dest: Path) -> Path:
     return dest
 
 
+def write_unchecked(settings, name: str, adapter_dir: Path, metrics: dict) -> str:
+    """A version written by another tool than `loraflow publish` (no weight check): files, then
+    the manifest that makes it exist."""
+    import json as _json
+
+    from loraflow.registry.layout import Layout, new_version
+    from loraflow.registry.manifest import build_manifest
+    from loraflow.storage.store import Store
+    from loraflow.storage.transfer import local_files, upload_files
+
+    store, layout, version = Store(settings.storage), Layout.for_name(settings.storage, name), new_version()
+    (adapter_dir / "metrics.json").write_text(_json.dumps(metrics))
+    entries = upload_files(store, local_files(adapter_dir, "adapter"), layout.version_prefix(version), "adapter")
+    config = _json.loads((adapter_dir / "adapter_config.json").read_text())
+    store.put_json(layout.manifest_key(version), build_manifest(
+        name=name, version=version, files=[e.to_dict() for e in entries], adapter_config=config, metrics=metrics,
+        snapshot={}, base_model=None, extra=None))
+    return version
+
+
 class Served:
     """One `loraflow serve` process and the store it follows, shared by the tests of this module
     (in file order: the outage test stops and restarts the store)."""
@@ -100,7 +120,8 @@ class Served:
 
         self.v1 = publish(adapter_dir, ["champion"])
         self.v2 = publish(second)
-        self.v_nan = publish(nan_adapter(adapter_dir, tmp / "adapter-nan"))
+        # Publish refuses NaN weights; the canary still guards versions written by anything else.
+        self.v_nan = write_unchecked(self.settings, "srv", nan_adapter(adapter_dir, tmp / "adapter-nan"), recorded)
         self.v_wild = publish(overconfident_adapter(model_dir, tmp / "adapter-wild"))
         broken = make_adapter_dir(tmp / "adapter-broken", model_dir, r=8, seed=4)
         shutil.copy(adapter_dir / "adapter_config.json", broken / "adapter_config.json")  # says r=4
@@ -181,11 +202,12 @@ def test_endpoints_describe_the_served_version(served):
     ({"prompt": "hi", "max_tokens": -1}, "max_tokens: Input should be greater than or equal to 1"),
     ({"prompt": "hi", "max_tokens": 10**6}, "max_tokens: 1000000 exceeds this server's limit of 512"),
     ({"prompt": ""}, "prompt: String should have at least 1 character"),
-    ({"prompt": 42}, "prompt: Input should be a valid string"),
+    ({"prompt": 42}, "prompt: Input should be a string or a list of strings (token-id prompts are not supported)"),
     ({"prompt": "hi", "temperature": 7}, "temperature: Input should be less than or equal to 2"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop: Value error, at most 4 stop sequences"),
-    ({"prompt": "hi", "stream": True}, "stream: Input should be False"),
-    ({"prompt": "hi", "best_of": 3}, "best_of: Extra inputs are not permitted"),
+    ({"prompt": "hi", "stream": True}, "stream: streaming is not supported; send false or null or leave it out"),
+    ({"prompt": "hi", "best_of": 3}, "best_of: only 1 is supported; send 1 or null or leave it out"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty: penalties are not supported; send 0 or null or leave it out"),
     (["hi"], "request body must be a JSON object"),
     (b"{not json", "request body is not valid JSON"),
 ])
@@ -205,6 +227,20 @@ def test_too_long_for_the_context_and_unknown_paths(served):
     assert r.status_code == 400 and "exceeds the model's context of 1024 tokens" in r.json()["error"]["message"]
     assert served.http.get("/v2/nothing").status_code == 404
     assert served.complete().status_code == 200  # none of that hurt the server
+
+
+def test_openai_clients_requests_are_served(served):
+    """What LangChain's OpenAI wrapper sends on every request (a batch of prompts, neutral
+    penalties, logprobs null, logit_bias {}, n 1, seed, user), answered one choice per prompt."""
+    body = {"model": "srv", "prompt": ["The movie was", "I think that"], "temperature": 0.7, "top_p": 1,
+            "frequency_penalty": 0, "presence_penalty": 0, "n": 1, "logit_bias": {}, "seed": 7, "logprobs": None,
+            "max_tokens": 3, "user": "someone", "echo": False, "suffix": None, "best_of": 1, "stream": False}
+    r = served.http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1] and answer["usage"]["completion_tokens"] <= 6
+    again = served.http.post("/v1/completions", json=body).json()
+    assert [c["text"] for c in again["choices"]] == [c["text"] for c in answer["choices"]]  # seeded
 
 
 def test_swap_under_concurrent_load_fails_no_request(served):
