@@ -28,6 +28,13 @@ def test_export_merged_equals_base_plus_adapter(cli, s3_settings, tiny_model_dir
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]
     assert f"ex=={version}" in (out / "README.md").read_text()
     assert json.loads((out / "loraflow-export.json").read_text())["version"] == version
+    # One mode for every file, the umask's (safetensors alone would write model.safetensors 0600).
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {n: oct(p.stat().st_mode & 0o777) for n, p in ((p.name, p) for p in out.iterdir())} == \
+        {n: oct(0o666 & ~mask) for n in names}
 
     merged = AutoModelForCausalLM.from_pretrained(out, use_safetensors=True)
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -230,7 +230,21 @@ def test_versions_show_the_gate_verdict_and_intervals(s3_settings, tiny_adapter_
     header, old, new = out.splitlines()
     assert "GATE" in header.split() and " - " in old
     low, mid, high = decision.vs_base["ppl_ratio"]
-    assert f"promote vs base {mid:.3f} [{low:.3f},{high:.3f}] 6 docs" in new
+    # The gate's bootstrap counts chunks; these metrics name no document count.
+    assert f"promote vs base {mid:.3f} [{low:.3f},{high:.3f}] 6 chunks" in new
     rows = json.loads(cli("versions", "g", "--json", *args)[1])
     assert rows[1]["gate"]["verdict"] == "promote" and rows[1]["gate"]["vs_base"]["documents"] == 6
     assert rows[0]["gate"] is None
+
+
+def test_versions_and_the_run_summary_say_documents_and_chunks_apart():
+    from loraflow.cli.registry import _gate
+    from loraflow.cli.run import format_summary
+
+    gate = {"verdict": "promote", "documents": 69, "tokens": 12345}
+    assert _gate(gate, 50).endswith("promote 50 documents (69 chunks)")
+    assert _gate(gate, 69).endswith("69 documents") and _gate(gate).endswith("69 chunks")
+    summary = format_summary({"name": "a", "version": "v", "promoted": True, "reason": "r", "uri": "s3://b/a/",
+                              "pull_command": "loraflow pull a==v", "gate": gate,
+                              "metrics": {"eval_documents": 50, "base_ppl": 2.0, "adapter_ppl": 1.5}})
+    assert "  evaluation   50 documents (69 chunks), 12,345 tokens" in summary.splitlines()

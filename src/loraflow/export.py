@@ -52,6 +52,29 @@ def _card(name: str, version: str, manifest: dict, base_id: str) -> str:
     return "\n".join(lines)
 
 
+def _umask() -> int:
+    try:  # read, not set-and-restore: os.umask is process-wide, and other threads may be creating files
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _usual_modes(directory: Path) -> None:
+    """safetensors writes its file owner-only (0600) while the tokenizer and JSON files get the
+    umask's modes (0644): one export, one mode, the one any file the user writes would get."""
+    mask = _umask()
+    for path in directory.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> Path:
     """Merge `ref`'s adapter into its (verified) base model and write it to `dest`."""
     import torch
@@ -91,6 +114,7 @@ def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> P
             "name": name, "version": version, "base_model": base_identity(manifest),
             "adapter_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "merged": True,
         }, indent=2) + "\n")
+        _usual_modes(tmp)
         place_atomically(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

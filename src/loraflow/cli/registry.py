@@ -176,7 +176,7 @@ def _versions(args) -> int:
     table = [header]
     for r in rows:
         metrics = [_fmt(r["metrics"].get(k)) for k in metric_keys]
-        gate = [_gate(r.get("gate"))] if gated else []
+        gate = [_gate(r.get("gate"), r["metrics"].get("eval_documents"))] if gated else []
         table.append([r["version"], r["created_at"] or "?", *metrics, *gate, _size(r["size"]), ",".join(r["aliases"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
@@ -184,9 +184,12 @@ def _versions(args) -> int:
     return 0
 
 
-def _gate(gate: dict | None) -> str:
-    """`promote vs base 0.91 [0.89,0.93] vs champion 0.97 [0.95,0.99] 120 docs`: the verdict and
-    the perplexity-ratio intervals it rests on."""
+def _gate(gate: dict | None, documents: int | None = None) -> str:
+    """`promote vs base 0.91 [0.89,0.93] vs champion 0.97 [0.95,0.99] 50 documents (69 chunks)`:
+    the verdict, the perplexity-ratio intervals it rests on and what they were measured over (the
+    gate's `documents` counts chunks; the eval set's documents come from the metrics)."""
+    from loraflow.cli.run import eval_units
+
     if not gate:
         return "-"
     parts = [gate.get("verdict", "?")]
@@ -195,8 +198,9 @@ def _gate(gate: dict | None) -> str:
         if interval.get("ppl_ratio"):
             low, mid, high = interval["ppl_ratio"]
             parts.append(f"{label} {mid:.3f} [{low:.3f},{high:.3f}]")
-    if gate.get("documents"):
-        parts.append(f"{gate['documents']} docs")
+    over = eval_units(documents, gate.get("documents"))
+    if over:
+        parts.append(over)
     return " ".join(parts)
 
 

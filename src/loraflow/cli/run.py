@@ -59,9 +59,24 @@ def format_summary(result: dict) -> str:
         f"  perplexity   base {m.get('base_ppl', float('nan')):.2f} -> adapter {m.get('adapter_ppl', float('nan')):.2f}",
         f"  training     {m.get('global_step')} steps, {m.get('train_tokens') or 0:,} tokens, "
         f"{float(m.get('train_time_s') or 0):.1f} s, {float(m.get('tokens_per_s') or 0):.0f} tokens/s",
-        f"  use it       {result['pull_command']}",
     ]
+    evaluated = eval_units(m.get("eval_documents"), (result.get("gate") or {}).get("documents"))
+    if evaluated:
+        tokens = (result.get("gate") or {}).get("tokens") or m.get("eval_tokens")
+        lines.append(f"  evaluation   {evaluated}" + (f", {tokens:,} tokens" if isinstance(tokens, int) else ""))
+    lines.append(f"  use it       {result['pull_command']}")
     return "\n".join(lines)
+
+
+def eval_units(documents: int | None, chunks: int | None) -> str | None:
+    """`50 documents (69 chunks)`: what the eval set holds and what the gate resampled. The gate's
+    bootstrap counts chunks of up to data.max_length tokens (a long document is several), which
+    is not the number of documents."""
+    if documents and chunks and documents != chunks:
+        return f"{documents} documents ({chunks} chunks)"
+    if documents:
+        return f"{documents} documents"
+    return f"{chunks} chunks" if chunks else None
 
 
 def _run(args) -> int:
