@@ -45,7 +45,7 @@ def test_store_data_never_becomes_a_local_path_and_edited_cache_is_pulled_again(
                f"storage.bucket={s3_settings.storage.bucket}"]
     for target in (os.path.relpath(decoy, cache / "m"), "../../../../tmp/x", "", "20200101T000000.000Z-abcdef/.."):
         alias = json.loads(store.get_bytes(layout.alias_key("latest"))[0])
-        alias["version"] = target
+        alias["version"], alias["alias"] = target, "evil"
         store.put_json(layout.alias_key("evil"), alias)
         code, out, err = cli("pull", "m@evil", "--dest", str(cache), *storage)
         assert code != 0 and out == "", (target, out)
