@@ -65,6 +65,8 @@ WORKER_NOISE = re.compile(r"^(Aborted submission of flow run|Worker '[^']*' subm
 # How late a Scheduled run may be before the wait is explained (workers poll every ~10 s).
 LATE_S = 20.0
 ACTIVE = ("PENDING", "RUNNING", "CANCELLING")
+WAITED_FOR = {"deployment": "the deployment's concurrency slot", "pool": "the work pool",
+              "adapter": "the adapter's retrain slot"}
 
 
 def _is_noise(line) -> bool:
@@ -198,7 +200,7 @@ class Waits:
             self.said.setdefault(cause, time.monotonic())
         for cause, since in list(self.said.items()):
             if cause not in causes and since is not None:
-                out.append(f"done waiting ({cause[1]} slot/pool) after {time.monotonic() - since:.0f} s")
+                out.append(f"done waiting for {WAITED_FOR[cause[1]]} after {time.monotonic() - since:.0f} s")
                 self.said[cause] = None  # said once; never again for this cause
         return out
 
