@@ -312,7 +312,7 @@ def test_cli_errors_are_one_clear_line_without_secrets(cli, s3_server, s3_bucket
     assert "no adapter named 'nope'" in errors["unknown name"]
     assert "has no alias 'champion'" in errors["unknown alias"]
     assert "20200101T000000.000Z-abcdef of adapter 'imdb' does not exist" in errors["unknown version"]
-    assert "no versions of adapter 'nope'" in errors["versions of unknown"]
+    assert "no adapter named 'nope'" in errors["versions of unknown"]
     assert "invalid adapter name '../x'" in errors["bad name"]
     assert "bucket 'no-such-bucket' does not exist" in errors["missing bucket"]
     assert "secret access key is wrong" in errors["wrong secret"]
