@@ -59,8 +59,11 @@ wait_for() {  # wait_for WHAT SECONDS CMD...
 
 mkdir -p "$S3_ROOT/$S3_BUCKET" "$PREFECT_HOME"
 RCLONE=$("$PY" -c "from loraflow.storage.local import find_rclone; print(find_rclone())")
-start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" \
-  --auth-key "$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY" --config /dev/null --dir-cache-time 1s
+# The key pair through the environment, not argv, which any local user can read (ps); rclone reads
+# every flag from RCLONE_<FLAG>, and this one is CSV, hence the inner quotes.
+export RCLONE_AUTH_KEY="\"$AWS_ACCESS_KEY_ID,$AWS_SECRET_ACCESS_KEY\""
+start s3 "$RCLONE" serve s3 "$S3_ROOT" --addr "127.0.0.1:$S3_PORT" --config /dev/null --dir-cache-time 1s
+unset RCLONE_AUTH_KEY
 wait_for "S3 server on :$S3_PORT" 30 "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $S3_PORT), 1)"
 
 # The demo recipe's model and reviews in the store, so `retrain-demo` (the UI's Quick run) works.
