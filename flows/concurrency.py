@@ -58,14 +58,21 @@ def ensure_limit(adapter_name: str) -> str:
     In Prefect 3.9 `concurrency()` on a missing limit does not create it: it logs a warning and
     runs without any limit (or, with `strict=True`, raises). Creating it here, at the start of the
     run, covers every adapter name a run can be given, which no setup script could list in advance.
-    One POST, answered 409 when it exists: two runs creating it at once are both fine, and an
-    operator's changed limit (or a disabled one) is kept."""
+    Read first (the common case: it exists), then one POST, answered 409 when another run created
+    it in between: both are fine, and an operator's changed limit (or a disabled one) is kept.
+    (A POST on an existing name also makes the server log an IntegrityError traceback, which an
+    ephemeral server prints into the user's terminal: hence the read.)"""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = limit_name(adapter_name)
     with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return name
+        except ObjectNotFound:
+            pass
         try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             log.info("created concurrency limit %s (limit 1): one retrain of %s at a time", name, adapter_name)

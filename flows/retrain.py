@@ -183,6 +183,9 @@ def _retrain(settings: Settings) -> Any:
                              markdown=f"```json\n{json.dumps(settings.public_dict(), indent=2)}\n```\n",
                              description="the run's resolved settings (its spec)")
 
+    from loraflow.stopping import at
+
+    at("the change check")
     t = time.perf_counter()
     check = change_check_task(settings)
     timings["change check"] = time.perf_counter() - t
@@ -215,6 +218,7 @@ def _retrain(settings: Settings) -> Any:
                **{k: train.get(k) for k in ("global_step", "train_tokens", "train_time_s", "tokens_per_s", "final_loss")}}
     from prefect.runtime import flow_run
 
+    at("publishing")
     published = publish_task(settings, train["adapter_dir"], train, evaluation, extra={
         "eval_fingerprint": evaluation.get("eval_fingerprint"),
         "flow_run_id": flow_run.id,

@@ -123,7 +123,9 @@ def test_loraflow_run_submits_to_the_deployment_and_follows_it(
     assert [c.work_pool_name for c in children] == ["gpu"]  # trained on the gpu pool, from the same spec
     assert children[0].parameters["settings"]["storage"]["bucket"] == worker_bucket
     ignored = [r.message for r in run_logs if r.message.startswith("ignoring LORAFLOW_")]
-    assert ignored and all("LORAFLOW_LORA__R, LORAFLOW_TRAINING__MAX_STEPS" in m for m in ignored)
+    # Said on both workers; the gpu worker also names its storage variables: the spec's location won.
+    assert len(ignored) == 2 and all("LORAFLOW_LORA__R" in m and "LORAFLOW_TRAINING__MAX_STEPS" in m for m in ignored)
+    assert sum("LORAFLOW_STORAGE__BUCKET" in m for m in ignored) == 1
 
     # A worker with no storage location: the run fails at its start, in one line, nothing started.
     workers = [_start_worker(prefect_server, "cpu", base_env, tmp_path / "worker-bare.log")]

@@ -276,6 +276,9 @@ def score_adapters(settings: Settings, model, names: dict[str, str], *, prepared
     from loraflow import modeling
     from loraflow.data import PackedCollator
 
+    from loraflow.stopping import at
+
+    at("evaluation")
     t0 = time.perf_counter()
     if len(prepared.eval) == 0:
         raise ModelError(f"data.source={settings.data.source!r}: the eval split is empty")

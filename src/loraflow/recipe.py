@@ -43,6 +43,9 @@ class Recipe:
         from loraflow.data.prepare import model_context_length
         from loraflow.training import main_process_first
 
+        from loraflow.stopping import at
+
+        at("setup (base model files, tokenizer, data preparation)")
         self.settings = settings
         self.precision: Precision = modeling.resolve_precision(settings.training, settings.model)
         self.base: BaseSource = modeling.resolve_base(settings)

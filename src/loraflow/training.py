@@ -247,6 +247,9 @@ def progress_callback_class():
             self.history_path.write_text("".join(k + "\n" for k in keep))
 
         def on_step_end(self, args, state, control, **kwargs):
+            from loraflow.stopping import at
+
+            at(f"training, after step {state.global_step}/{state.max_steps}")
             if state.global_step >= state.max_steps:
                 control.should_log = True  # the curve always ends at the last step
             return control

@@ -88,9 +88,12 @@ def _run(args) -> int:
 
         return submit_and_follow(args.config, args.overrides, args.deployment, as_json=args.json)
     settings = settings_from_args(args)
+    from loraflow.stopping import prefect_api, stop_on_signals
+
     retrain = import_retrain_flow()
     started = time.perf_counter()
-    result = retrain(settings)
+    with stop_on_signals("loraflow run"), prefect_api():
+        result = retrain(settings)
     result["timings"]["wall (incl. Prefect start-up)"] = time.perf_counter() - started
     if args.json:
         print(json.dumps(result, indent=2, default=str))

@@ -110,17 +110,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         retrain = import_retrain_flow()
         t = time.perf_counter()
-        result = retrain(settings)
-        flow_wall = time.perf_counter() - t
-        if result.get("skipped"):
-            # Nothing changed since the champion was trained (an earlier demo): no GPU time spent.
-            print(f"\n{result['message']} ({flow_wall:.1f} s); `--set registry.force=true` retrains anyway")
-            return 0
-        result["pull_command"] = printed_pull_command(result, settings)
-        # The schedule's next run, right away: the change check ends it in seconds, publishing nothing.
-        t = time.perf_counter()
-        again = retrain(settings)
-        skipped_s = time.perf_counter() - t
+        from loraflow.stopping import prefect_api, stop_on_signals
+
+        with stop_on_signals("the demo"), prefect_api():
+            result = retrain(settings)
+            flow_wall = time.perf_counter() - t
+            if result.get("skipped"):
+                # Nothing changed since the champion was trained (an earlier demo): no GPU time spent.
+                print(f"\n{result['message']} ({flow_wall:.1f} s); `--set registry.force=true` retrains anyway")
+                return 0
+            result["pull_command"] = printed_pull_command(result, settings)
+            # The schedule's next run, right away: the change check ends it in seconds, publishing nothing.
+            t = time.perf_counter()
+            again = retrain(settings)
+            skipped_s = time.perf_counter() - t
     except LoraflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
