@@ -24,7 +24,8 @@ any=0
 declare -A LOOKS_LIKE=([serve]="loraflow serve" [worker-cpu]="worker start" [worker-gpu]="worker start"
                        [prefect-server]="server start" [s3]="serve s3")
 
-alive() { kill -0 "$1" 2>/dev/null; }
+# alive PID: running, and not a zombie (exited, waiting for its parent to reap it: stopped).
+alive() { local st; st=$(ps -o stat= -p "$1" 2>/dev/null) && [ -n "$st" ] && [ "${st:0:1}" != Z ]; }
 # family PID: PID, its descendants and the rest of its session (up.sh starts every service as a
 # session leader); flow-run processes may start sessions of their own, so descendants count too.
 family() {
@@ -73,13 +74,14 @@ stop() {
     fi
   done
   [ ${#pids[@]} -eq 0 ] && return
-  local t0=$SECONDS i rest
+  local t0=$SECONDS i rest forced=()
   if ! wait_gone "$STOP_TIMEOUT" "${all[@]}"; then
     for i in "${!names[@]}"; do
       # shellcheck disable=SC2086
       rest=$(left ${fam[${names[$i]}]} | tr '\n' ' ')
       [ -n "$rest" ] || continue
       echo "down: ${names[$i]} still running after ${STOP_TIMEOUT}s (flow runs in flight?): SIGTERM to pids $rest"
+      forced[$i]=1
       # shellcheck disable=SC2086
       kill -TERM $rest 2>/dev/null
     done
@@ -94,7 +96,7 @@ stop() {
       echo "down: ${names[$i]} (pid ${pids[$i]}) did not stop: killed pids $rest"
       rc=1
     else
-      echo "down: ${names[$i]} stopped (pid ${pids[$i]}, SIG${sig}, $((SECONDS - t0))s)"
+      echo "down: ${names[$i]} stopped (pid ${pids[$i]}, $([ -n "${forced[$i]:-}" ] && echo "SIGTERM after SIG${sig}" || echo "SIG${sig}"), $((SECONDS - t0))s)"
     fi
     rm -f "$RUN_DIR/${names[$i]}.pid"
   done

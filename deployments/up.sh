@@ -39,11 +39,15 @@ export LORAFLOW_STORAGE__BUCKET="$S3_BUCKET"
 
 running() { [ -f "$RUN_DIR/$1.pid" ] && kill -0 "$(cat "$RUN_DIR/$1.pid")" 2>/dev/null; }
 
-# start NAME CMD...: in its own session (so down.sh can stop it with its children), logs to NAME.log
+# start NAME CMD...: in its own session (so down.sh can stop it with its children), logs to NAME.log.
+# A non-interactive shell starts background commands with SIGINT ignored, and an ignored signal
+# stays ignored across exec: `prefect worker start` would then shrug off the SIGINT that stops it
+# cleanly (and turn a SIGTERM into a SIGKILL of itself). The exec wrapper restores the default.
 start() {
   local name=$1; shift
   if running "$name"; then echo "up: $name already running (pid $(cat "$RUN_DIR/$name.pid"))"; return; fi
-  setsid "$@" >"$RUN_DIR/$name.log" 2>&1 < /dev/null &
+  setsid "$PY" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \
+    "$@" >"$RUN_DIR/$name.log" 2>&1 < /dev/null &
   echo $! >"$RUN_DIR/$name.pid"
   echo "up: $name started (pid $!, log $RUN_DIR/$name.log)"
 }
