@@ -94,6 +94,9 @@ def test_up_runs_nothing_by_itself_prints_what_to_do_and_down_leaves_nothing(sta
         assert out.rstrip().splitlines()[-2].strip() == command
         assert out.rstrip().splitlines()[-1] == f"up: stop it all with: LORAFLOW_RUN_DIR={run_dir} make -C {ROOT} down"
 
+        # The demo assets were built here (GGUF conversion included): a log file gets no progress bars.
+        assert "\r" not in (run_dir / "demo-assets.log").read_text()
+
         # The env file: owner-only, this store's home, and it works in a fresh shell.
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
         text = env_file.read_text()
