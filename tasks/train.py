@@ -7,7 +7,6 @@ checkpoint in storage, downloads and verifies it, and continues from there. A di
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,9 @@ def run_dir(run_key: str) -> Path:
 
 
 def _local_steps(out: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in out.glob("checkpoint-*") if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    from loraflow.resume import checkpoints  # the one rule for what a checkpoint folder is
+
+    return sorted(step for step, _ in checkpoints(out))
 
 
 def sync_checkpoint(settings: Settings, run_key: str, out: Path) -> int:
@@ -94,6 +95,9 @@ def stage_task(settings: Settings, run_key: str, train: dict[str, Any], results:
     another machine than training (the GPU pool)."""
     from loraflow import checkpoints
 
+    from loraflow.registry.weights import check_adapter_dir
+
+    check_adapter_dir(Path(train["adapter_dir"]))  # a NaN/inf tensor never leaves the training machine
     out = run_dir(run_key)
     prefix = checkpoints.run_prefix(settings.storage, run_key)
     checkpoints.upload_dir(settings.storage, Path(train["adapter_dir"]), prefix + STAGED, kind="adapter",

@@ -289,3 +289,34 @@ def test_resume_refuses_a_checkpoint_made_on_other_base_weights(tiny_settings, t
         train_adapter(longer, output_dir=tmp_path / "run", resume=True)
     message = str(info.value)
     assert "base_model.weights[model.safetensors]" in message and "\n" not in message
+
+
+def test_resume_skips_a_checkpoint_damaged_after_saving_and_says_why(tiny_settings, tmp_path, caplog):
+    """A complete checkpoint (marker present) whose optimizer.pt was cut short later: resume takes
+    the one before it, naming the file and what is wrong, instead of a traceback from torch.load."""
+    from loraflow.training import train_adapter
+
+    out = tmp_path / "run"
+    settings = tiny_settings("training.max_steps=4", "training.save_steps=2", "training.save_total_limit=null")
+    train_adapter(settings, output_dir=out)
+    optimizer = out / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 2])
+    with caplog.at_level(logging.INFO, logger="loraflow"):
+        result = train_adapter(tiny_settings("training.max_steps=6", "training.save_steps=2",
+                                             "training.save_total_limit=null"), output_dir=out, resume=True)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("checkpoint-4: optimizer.pt is" in m and "when it was saved" in m for m in messages), messages
+    assert result.resumed_from.endswith("checkpoint-2") and result.global_step == 6
+
+
+def test_a_bad_output_folder_is_refused_before_anything_is_prepared(tiny_settings, tmp_path):
+    from loraflow import loads
+    from loraflow.errors import ConfigError
+    from loraflow.pipeline import run_local
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    before = loads.snapshot()
+    with pytest.raises(ConfigError, match="a-file is a file, not a folder"):
+        run_local(tiny_settings(), output_dir=blocker / "run")
+    assert loads.since(before) == {}  # nothing read, tokenised or loaded

@@ -45,7 +45,7 @@ log = get_logger("checkpoints")
 
 # Written by Trainer but never loaded on resume, and a full pickle: it stays on the worker.
 SKIPPED_FILES = frozenset({"training_args.bin"})
-_RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class StoredCheckpoint:
 
 def run_prefix(storage: StorageSettings, run_key: str) -> str:
     """`s3://bucket/prefix/checkpoints/<run key>/` for one training run."""
-    if not _RUN_KEY.match(run_key):
+    if not _RUN_KEY.fullmatch(run_key):  # fullmatch: `$` would let a final newline through
         raise StorageError(f"run key {run_key!r}: use letters, digits, '.', '_' or '-' (max 128)")
     prefix = storage.prefix.strip("/")
     return f"s3://{storage.bucket}/{prefix + '/' if prefix else ''}checkpoints/{run_key}/"
@@ -84,8 +84,8 @@ def download(storage: StorageSettings, uri: str, dest: Path, kind: str = "checkp
 def latest_checkpoint(storage: StorageSettings, run_key: str) -> StoredCheckpoint | None:
     """The highest-step checkpoint whose manifest was written (i.e. whose upload completed)."""
     store, key_prefix = _store(storage, run_prefix(storage, run_key))
-    pattern = re.compile(re.escape(key_prefix) + r"checkpoint-(\d+)/" + re.escape(MANIFEST) + "$")
-    steps = [int(m.group(1)) for obj in store.list(key_prefix) if (m := pattern.match(obj["Key"]))]
+    pattern = re.compile(re.escape(key_prefix) + r"checkpoint-([0-9]+)/" + re.escape(MANIFEST))
+    steps = [int(m.group(1)) for obj in store.list(key_prefix) if (m := pattern.fullmatch(obj["Key"]))]
     if not steps:
         return None
     step = max(steps)

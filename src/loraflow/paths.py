@@ -19,6 +19,25 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+def check_dir_usable(path: str | os.PathLike, what: str) -> Path:
+    """What `ensure_dir` would refuse, found without creating anything: run first, before the
+    expensive steps (preparing data, loading a model), so a typo costs nothing."""
+    from loraflow.errors import ConfigError
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{what} {path}: cannot create it ({existing} is a file, not a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: " + ("not writable" if existing == path
+                                                 else f"cannot create it ({existing} is not writable)"))
+    return path
+
+
 def ensure_dir(path: str | os.PathLike, what: str) -> Path:
     """`path` as an existing, writable directory (created if missing), or one ConfigError line that
     names the setting or flag it came from."""

@@ -56,6 +56,12 @@ def run_local(settings: Settings, *, output_dir: str | Path | None = None, resum
     from loraflow.release import write_release
     from loraflow.training import is_main_process
 
+    from loraflow.paths import check_dir_usable
+    from loraflow.training import resolve_output_dir
+
+    # Cheap before expensive: a bad output folder is refused before data is prepared.
+    check_dir_usable(resolve_output_dir(settings, output_dir), "--output" if output_dir is not None
+                     else "training.output_dir")
     timings: dict[str, float] = {}
     t = time.perf_counter()
     recipe = Recipe(settings)  # tokenizer, config and prepared data, once (the base model when training)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 log = get_logger("train")
 
 RUN_MARKER = "loraflow-run.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
 
 
 def run_identity(settings: Settings, data_fingerprint: str, *, base_weights: dict[str, str],
@@ -50,34 +50,77 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     """`checkpoint-N` folders of `out`, newest first."""
     if not out.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    found = [(int(m.group(1)), p) for p in out.iterdir() if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name))]
     return sorted(found, reverse=True)
 
 
 def mark_complete(checkpoint: Path, identity: dict[str, Any]) -> None:
+    """The marker holds the run's identity and the size of every file Trainer wrote, so a file cut
+    short afterwards (a full disk, a copy interrupted) is seen before Trainer tries to load it."""
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size
+             for p in sorted(checkpoint.rglob("*")) if p.is_file() and not p.name.startswith((".", RUN_MARKER))}
     tmp = checkpoint / f".{RUN_MARKER}.part"
-    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps({"identity": identity, "files": files}, indent=1, sort_keys=True))
     tmp.replace(checkpoint / RUN_MARKER)
 
 
+def unloadable(checkpoint: Path, files: dict[str, int]) -> str | None:
+    """Why `checkpoint` cannot be resumed from, or None. Cheap and without unpickling anything:
+    every file the marker lists at its size, torch's zip-format files (optimizer.pt, scheduler.pt,
+    rng_state.pth) through their CRC check, and the safetensors header."""
+    import zipfile
+
+    for name, size in sorted(files.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size:,} bytes, {size:,} when it was saved"
+        if zipfile.is_zipfile(path):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                return f"{name} is unreadable ({exc})"
+            if bad is not None:
+                return f"{name} is corrupt ({bad} fails its CRC check)"
+        elif name.endswith((".pt", ".pth", ".bin")):
+            return f"{name} is not a torch zip archive"
+        elif name.endswith(".safetensors"):
+            try:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                return f"{name} is unreadable ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
 def choose_checkpoint(out: Path, identity: dict[str, Any]) -> Path | None:
-    """The newest complete checkpoint of this run in `out`, or None. ConfigError when the newest
-    complete one belongs to a run with other data or settings."""
+    """The newest complete checkpoint of this run in `out` that loads, or None. ConfigError when the
+    newest complete one belongs to a run with other data or settings; one whose files were damaged
+    after saving is skipped, saying which file and why."""
     for step, path in checkpoints(out):
         marker = path / RUN_MARKER
         if not marker.is_file():
             log.warning("skipping %s: incomplete (the process died while saving it)", path)
             continue
         try:
-            recorded = json.loads(marker.read_text())
-        except ValueError:
-            log.warning("skipping %s: unreadable %s", path, RUN_MARKER)
+            stored = json.loads(marker.read_text())
+            recorded, files = stored["identity"], stored["files"]
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping %s: unreadable %s (or written by an older loraflow)", path, RUN_MARKER)
             continue
         differs = [f"{k} {_short(recorded.get(k))} -> {_short(v)}" for k, v in identity.items() if recorded.get(k) != v]
         differs += [f"{k} {_short(v)} -> absent" for k, v in recorded.items() if k not in identity]
         if differs:
             raise ConfigError(f"--resume: {path} belongs to another run ({'; '.join(differs[:4])}); "
                               "resume with the settings it was made with, or pass --fresh to start over")
+        damaged = unloadable(path, files)
+        if damaged:
+            log.warning("skipping %s: %s; trying the one before it", path, damaged)
+            continue
         return path
     return None
 

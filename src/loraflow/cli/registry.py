@@ -160,7 +160,8 @@ def _versions(args) -> int:
     settings = settings_from_args(args)
     rows = list_versions(settings, args.name)
     if not rows:
-        from loraflow.registry.catalog import open_registry, require_adapter
+        from loraflow.registry.catalog import open_registry
+        from loraflow.registry.existence import require_adapter
 
         require_adapter(*open_registry(settings, args.name))
         raise StorageError(f"no versions of adapter {args.name!r} in s3://{settings.storage.bucket}"
@@ -258,7 +259,8 @@ def _gc(args) -> int:
 def _require_something_to_collect(settings, name: str) -> None:
     """`gc NAME` for a NAME with neither objects in the registry nor training checkpoints is a typo."""
     from loraflow.checkpoints import abandoned_runs
-    from loraflow.registry.catalog import adapter_exists, open_registry, require_adapter
+    from loraflow.registry.catalog import open_registry
+    from loraflow.registry.existence import adapter_exists, require_adapter
     from loraflow.registry.layout import check_name
     from loraflow.storage.local import served_root
 

@@ -250,7 +250,7 @@ class AliasLock:
 
 def _require_version(store: Store, layout: Layout, version: str) -> None:
     if not store.exists(layout.manifest_key(check_version(version))):
-        from loraflow.registry.catalog import require_adapter
+        from loraflow.registry.existence import require_adapter
 
         require_adapter(store, layout)
         raise StorageError(f"version {version} of adapter {layout.name!r} does not exist "
