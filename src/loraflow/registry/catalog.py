@@ -14,7 +14,7 @@ from loraflow.registry.aliases import ANY, AliasConflictError, compare_and_swap,
 from loraflow.registry.history import read_history
 from loraflow.registry.layout import MANIFEST, VERSION_RE, Layout, check_name, check_version
 from loraflow.registry.existence import require_adapter
-from loraflow.registry.manifest import validate_manifest
+from loraflow.registry.manifest import base_identity, validate_manifest
 from loraflow.storage.store import Store
 
 
@@ -140,16 +140,6 @@ def complete_versions(store: Store, layout: Layout) -> list[str]:
     return sorted(versions)
 
 
-def base_model_of(manifest: dict) -> dict:
-    """A manifest's base model as {id, revision, weights}. Schema 2 writes exactly that; schema-1
-    manifests (still in buckets, never rewritten) named the id `name_or_path`. Here, not in
-    registry.pull (which has the same rule for load_adapter): pull imports this module."""
-    base = dict(manifest.get("base_model") or {})
-    if not base.get("id") and base.get("name_or_path"):
-        base["id"] = base.pop("name_or_path")
-    return {"id": base.get("id"), "revision": base.get("revision"), "weights": base.get("weights")}
-
-
 def list_versions(settings, name: str) -> list[dict]:
     """One dict per complete version, oldest first: version, created_at, metrics, aliases,
     base_model (the logical id: hub id or s3:// URI), base_model_revision, size (bytes), dataset
@@ -162,7 +152,7 @@ def list_versions(settings, name: str) -> list[dict]:
         manifests = list(pool.map(lambda v: fetch_manifest(store, layout, v), versions))
     out = []
     for version, manifest in zip(versions, manifests):
-        base = base_model_of(manifest)
+        base = base_identity(manifest)
         out.append({
             "version": version,
             "created_at": manifest.get("created_at"),
