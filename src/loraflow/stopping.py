@@ -125,8 +125,8 @@ def _drain_prefect_services() -> None:
 
 
 @contextlib.contextmanager
-def stop_on_signals(what: str) -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C; either ends in RunStopped naming the stage reached."""
+def stop_on_signals(what: str, kept: str = "the run is marked Crashed, checkpoints it stored are kept") -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C; either ends in RunStopped naming the stage reached and `kept`."""
     def terminate(signum, frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -137,7 +137,6 @@ def stop_on_signals(what: str) -> Iterator[None]:
     except KeyboardInterrupt as exc:
         name = str(exc) or "SIGINT"
         where = f" during {_stage}" if _stage else ""
-        raise RunStopped(f"{what} stopped by {name}{where}; the run is marked Crashed, checkpoints it stored are "
-                         "kept") from None
+        raise RunStopped(f"{what} stopped by {name}{where}; {kept}") from None
     finally:
         signal.signal(signal.SIGTERM, previous)

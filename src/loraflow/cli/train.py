@@ -32,8 +32,12 @@ def _train(args) -> int:
     from loraflow.pipeline import run_local
     from loraflow.training import is_main_process
 
+    from loraflow.stopping import stop_on_signals
+
     settings = settings_from_args(args)
-    result = run_local(settings, output_dir=args.output, resume=args.resume)
+    with stop_on_signals("loraflow train", "checkpoints in the output folder are kept: the same command with "
+                                           "--resume continues from the newest"):
+        result = run_local(settings, output_dir=args.output, resume=args.resume)
     if is_main_process():
         print(f"adapter: {result.adapter_dir}")
         print(f"metrics: {result.metrics_path}")
