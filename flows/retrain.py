@@ -122,7 +122,9 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         {"metric": "gate verdict", "value": gate["verdict"]},
         {"metric": f"adapter/base perplexity ratio ({pct})", "value": _ratio(decision.vs_base)},
         {"metric": f"adapter/champion perplexity ratio ({pct})", "value": _ratio(decision.vs_champion)},
-        {"metric": "eval documents", "value": gate["documents"]},
+        # The gate resamples chunks of up to data.max_length tokens; a long document is several.
+        {"metric": "eval documents", "value": evaluation.get("eval_documents")},
+        {"metric": "eval chunks (the gate's resampling units)", "value": gate["documents"]},
         {"metric": "eval tokens", "value": evaluation.get("eval_tokens")},
         {"metric": "generations ending with EOS (adapter / champion)",
          "value": f"{health.get('eos_rate')} / {champion_health.get('eos_rate', '-')}"},
@@ -151,7 +153,8 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         f"| adapter/base perplexity ratio ({pct}) | {_ratio(decision.vs_base) or '-'} |\n"
         f"| champion before this run | {decision.champion_version or '-'} |\n"
         f"| adapter/champion perplexity ratio ({pct}) | {_ratio(decision.vs_champion) or '-'} |\n"
-        f"| eval documents / tokens | {gate['documents']} / {gate['tokens']} |\n"
+        f"| eval documents (chunks) / tokens | {evaluation.get('eval_documents', '-')} ({gate['documents']}) / "
+        f"{gate['tokens']} |\n"
         f"| generations ending with EOS | {health.get('eos_rate')} |\n\n"
         f"Use it:\n\n```bash\nloraflow pull {name}=={published['version']}\n```\n\n"
         f"## Training loss\n\n{_loss_curve_markdown(train.get('loss_curve_path'))}\n"

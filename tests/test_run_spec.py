@@ -104,3 +104,11 @@ def test_one_rule_decides_what_changes_a_result():
     assert "training.precision" in changes and "training.precision" not in resume  # resume compares the resolved one
     flat = {f"{section}.{k}" for section, fields in training_settings(Settings()).items() for k in fields}
     assert flat == set(changes)
+
+
+def test_set_beats_a_deployments_own_settings(worker_env):
+    from loraflow.cli.submit import deployment_parameters
+
+    own = {"settings": {"training": {"max_steps": 120, "logging_steps": 10}}}
+    sent = deployment_parameters(None, ["training.max_steps=10"], own)["settings"]
+    assert sent["training"]["max_steps"] == 10 and sent["training"]["logging_steps"] == 10

@@ -18,6 +18,7 @@ check, the resume identity and the data fingerprint all ask it, so they cannot d
 from __future__ import annotations
 
 import contextvars
+import copy
 import json
 import os
 import string
@@ -398,6 +399,16 @@ def _nest(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
+def _merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `top` merged in, section by section (top wins on every key it names)."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merged(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
 def load_settings(config: str | os.PathLike | None = None, overrides: list[str] | None = None,
                   **sections: Any) -> Settings:
     """Resolve settings from every source; raise ConfigError naming each bad field."""
@@ -413,9 +424,9 @@ def load_settings(config: str | os.PathLike | None = None, overrides: list[str] 
             raise ConfigError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    init = _nest(overrides or [])
-    for name, value in sections.items():
-        init.setdefault(name, {}).update(value)
+    # Keyword sections first, --set on top (the precedence _source_finder names): a deployment's own
+    # settings passed as sections must not undo the user's --set.
+    init = _merged(copy.deepcopy(sections), _nest(overrides or []))
     token = _yaml_file.set(path)
     try:
         resolved = _FromSources(**init)
