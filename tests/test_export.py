@@ -57,3 +57,18 @@ def test_export_merged_equals_base_plus_adapter(cli, s3_settings, tiny_model_dir
     assert code == 2 and "not empty" in stderr and len(stderr.strip().splitlines()) == 1
     assert (other / "notes.txt").read_text() == "keep me"
 
+
+
+def test_a_destination_under_a_file_is_refused_before_anything_is_pulled(tmp_path):
+    import pytest
+
+    from loraflow import loads
+    from loraflow.errors import ConfigError
+    from loraflow.export import export_merged
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    before = loads.snapshot()
+    with pytest.raises(ConfigError, match="a-file is a file, not a folder"):
+        export_merged("nosuch@champion", blocker / "out" / "merged")
+    assert loads.since(before) == {}

@@ -29,6 +29,11 @@ def _check_dest(dest: Path) -> None:
     if dest.is_dir() and any(dest.iterdir()) and not (dest / PROVENANCE).is_file():
         # Only a previous export is replaced; anything else in DIR could be someone's work.
         raise ConfigError(f"--merged {dest}: directory is not empty and holds no previous loraflow export")
+    from loraflow.paths import check_dir_usable
+
+    # The export is written beside DIR and renamed into place: its parent must be writable, and
+    # that is known before anything is pulled or loaded.
+    check_dir_usable(dest.parent, f"--merged {dest}: its folder")
 
 
 def _card(name: str, version: str, manifest: dict, base_id: str) -> str:
