@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraflow.errors import IntegrityError, StorageError
 from loraflow.log import get_logger
+from loraflow.resume import UNUSED_ON_RESUME
 from loraflow.storage.client import parse_s3_uri
 from loraflow.storage.store import Store
 from loraflow.storage.transfer import MANIFEST, download_dir, local_files, upload_files, write_manifest
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = get_logger("checkpoints")
 
 # Written by Trainer but never loaded on resume, and a full pickle: it stays on the worker.
-SKIPPED_FILES = frozenset({"training_args.bin"})
+SKIPPED_FILES = UNUSED_ON_RESUME  # one rule: what resume never reads is never uploaded
 _RUN_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 
 

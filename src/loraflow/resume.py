@@ -28,6 +28,9 @@ if TYPE_CHECKING:
 log = get_logger("train")
 
 RUN_MARKER = "loraflow-run.json"
+# What Trainer writes into a checkpoint that resuming never reads: a full pickle of the
+# TrainingArguments. Never uploaded (loraflow.checkpoints), so never required here either.
+UNUSED_ON_RESUME = frozenset({"training_args.bin"})
 _CHECKPOINT = re.compile(r"checkpoint-([0-9]+)")
 
 
@@ -57,8 +60,8 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
 def mark_complete(checkpoint: Path, identity: dict[str, Any]) -> None:
     """The marker holds the run's identity and the size of every file Trainer wrote, so a file cut
     short afterwards (a full disk, a copy interrupted) is seen before Trainer tries to load it."""
-    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size
-             for p in sorted(checkpoint.rglob("*")) if p.is_file() and not p.name.startswith((".", RUN_MARKER))}
+    files = {p.relative_to(checkpoint).as_posix(): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+             if p.is_file() and not p.name.startswith((".", RUN_MARKER)) and p.name not in UNUSED_ON_RESUME}
     tmp = checkpoint / f".{RUN_MARKER}.part"
     tmp.write_text(json.dumps({"identity": identity, "files": files}, indent=1, sort_keys=True))
     tmp.replace(checkpoint / RUN_MARKER)
