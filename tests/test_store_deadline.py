@@ -121,10 +121,10 @@ def test_rclone_dies_with_its_starter_from_any_thread_and_its_key_is_not_in_argv
     assert not _pids_serving(home / "s3"), "rclone outlived the process that started it"
 
 
-def _wait_for_temp(root: Path, timeout: float = 60) -> Path:
+def _wait_for_temp(root: Path, timeout: float = 60, min_bytes: int = 1 << 20) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [p for p in root.rglob(".rclone_temp_*") if p.stat().st_size > 1 << 20]
+        found = [p for p in root.rglob(".rclone_temp_*") if p.stat().st_size > min_bytes]
         if found:
             return found[0]
         time.sleep(0.01)
@@ -137,7 +137,9 @@ def test_gc_after_a_killed_publish_frees_rclone_upload_data_and_says_so(s3_serve
     env = registry_env(s3_server, s3_bucket)
     pub = subprocess.Popen([*CLI, "publish", str(big), "--name", "big"], env=env, stderr=subprocess.DEVNULL,
                            stdout=subprocess.DEVNULL)
-    _wait_for_temp(s3_server.root / s3_bucket)
+    # Past two 8 MiB parts: at least one part is complete, so the server lists its bytes (a kill
+    # before that leaves an upload of 0 listed bytes, which gc reports as such).
+    _wait_for_temp(s3_server.root / s3_bucket, min_bytes=17 << 20)
     pub.send_signal(signal.SIGKILL)
     pub.wait()
     gc = subprocess.run([*CLI, "gc", "big", "--grace", "0"], env=env, capture_output=True, text=True, timeout=120)
