@@ -237,7 +237,9 @@ def test_base_model_from_an_s3_mirror(s3_settings, tiny_model_dir, train_home, m
     tokenizer = modeling.load_tokenizer(settings)
     model = modeling.load_base_model(settings)
     assert tokenizer.eos_token_id == 50256
-    assert modeling.model_max_positions(settings) == 1024
+    from loraflow.data.prepare import model_context_length
+
+    assert model_context_length(modeling.load_config(settings)) == 1024
     local = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     for (name, a), (_, b) in zip(model.state_dict().items(), local.state_dict().items()):
         assert torch.equal(a, b), name

@@ -378,14 +378,6 @@ def load_config(settings: Settings, source: str | None = None):
         raise ModelError(f"cannot load the config of model.name_or_path={settings.model.name_or_path!r}: {exc}") from None
 
 
-def model_max_positions(settings: Settings) -> int | None:
-    """The base model's context length from its config, for data checks (one rule:
-    loraflow.data.prepare.model_context_length)."""
-    from loraflow.data.prepare import model_context_length
-
-    return model_context_length(load_config(settings))
-
-
 # --------------------------------------------------------------------------------------------
 # LoRA
 
