@@ -53,7 +53,12 @@ def limit_name(adapter_name: str) -> str:
 
 
 def ensure_limit(adapter_name: str) -> str:
-    """Create the adapter's limit (limit 1) if it does not exist; returns its name.
+    """Create the adapter's limit (limit 1) if it does not exist; returns its name."""
+    return ensure_named_limit(limit_name(adapter_name), 1, f"one retrain of {adapter_name} at a time")
+
+
+def ensure_named_limit(name: str, limit: int, what: str) -> str:
+    """Create the global concurrency limit `name` with `limit` slots if it does not exist; returns `name`.
 
     In Prefect 3.9 `concurrency()` on a missing limit does not create it: it logs a warning and
     runs without any limit (or, with `strict=True`, raises). Creating it here, at the start of the
@@ -66,7 +71,6 @@ def ensure_limit(adapter_name: str) -> str:
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = limit_name(adapter_name)
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -74,8 +78,8 @@ def ensure_limit(adapter_name: str) -> str:
         except ObjectNotFound:
             pass
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            log.info("created concurrency limit %s (limit 1): one retrain of %s at a time", name, adapter_name)
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+            log.info("created concurrency limit %s (limit %d): %s", name, limit, what)
         except ObjectAlreadyExists:
             pass
     return name
@@ -98,9 +102,16 @@ def adapter_slot(adapter_name: str, *, timeout_s: float | None = None) -> Iterat
     most 30 s apart, so the wait ends soon after the slot frees), forever by default; with
     `timeout_s`, raises TimeoutError after that long. Synchronous code only (the retrain flow is
     sync); an async flow would use prefect.concurrency.asyncio.concurrency with the same name."""
+    with held(ensure_limit(adapter_name), f"another retrain of {adapter_name!r}", timeout_s=timeout_s) as name:
+        yield name
+
+
+@contextmanager
+def held(name: str, holders: str, *, timeout_s: float | None = None) -> Iterator[str]:
+    """Hold one slot of the existing global concurrency limit `name` for the body (see adapter_slot);
+    `holders` says who holds the others, for the timeout's message."""
     from prefect.concurrency.sync import concurrency
 
-    name = ensure_limit(adapter_name)
     started = time.monotonic()
     with ExitStack() as stack:
         try:
@@ -110,8 +121,7 @@ def adapter_slot(adapter_name: str, *, timeout_s: float | None = None) -> Iterat
             stack.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, lease_duration=LEASE_S,
                                             strict=True, holder=_holder(), raise_on_lease_renewal_failure=False))
         except TimeoutError:
-            raise TimeoutError(f"another retrain of {adapter_name!r} held concurrency slot {name} for more "
-                               f"than {timeout_s:g} s") from None
+            raise TimeoutError(f"{holders} held concurrency slot {name} for more than {timeout_s:g} s") from None
         waited = time.monotonic() - started
-        log.info("holding concurrency slot %s%s", name, f" (waited {waited:.0f} s for another retrain)" if waited >= 5 else "")
+        log.info("holding concurrency slot %s%s", name, f" (waited {waited:.0f} s for {holders})" if waited >= 5 else "")
         yield name
