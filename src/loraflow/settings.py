@@ -236,6 +236,50 @@ class PrefectSettings(_Section):
                                  "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY on the worker) counts as crashed."))
 
 
+class ClusterSettings(_Section):
+    """Training past one machine (docs/scaling.md): `nnodes` machines, each running torchrun with
+    training.nproc_per_node processes, meeting at torchrun's c10d rendezvous. Decided in the run's
+    spec, never guessed from a machine's environment. All inert, like nproc_per_node: how the work
+    is spread; what it does to the result (the effective batch) is the world size, which the resume
+    identity records as resolved. With nnodes > 1 the gpu pool's flow run trains through a
+    Kubernetes Indexed Job rendered from these fields (loraflow.kubernetes_job)."""
+
+    nnodes: int = Field(1, ge=1, json_schema_extra=role("inert"),
+                        description="Machines that train together (torchrun --nnodes); 1: the worker alone.")
+    rdzv_endpoint: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$", json_schema_extra=role("inert"),
+        description="HOST:PORT of the c10d rendezvous, served by node 0. None: on Kubernetes, node 0's hostname "
+                    "through the Job's headless Service (port 29400); required when nodes are started by hand.")
+    rdzv_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", json_schema_extra=role("inert"),
+        description="Rendezvous id shared by the nodes of one run. None: the run key.")
+    image: str | None = Field(None, min_length=1, json_schema_extra=role("inert"),
+                              description="Kubernetes: the nodes' image (loraflow with a CUDA torch).")
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                           json_schema_extra=role("inert"), description="Kubernetes: namespace of the Job.")
+    gpus_per_node: int = Field(1, ge=0, json_schema_extra=role("inert"),
+                               description="Kubernetes: nvidia.com/gpu per node; nproc_per_node=auto starts one "
+                                           "process per GPU (one on a node without).")
+    cpu: str = Field("8", pattern=r"^[0-9]+(\.[0-9]+|m)?$", json_schema_extra=role("inert"),
+                     description="Kubernetes: CPU request per node.")
+    memory: str = Field("64Gi", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$", json_schema_extra=role("inert"),
+                        description="Kubernetes: memory request and limit per node.")
+    shm_size: str = Field("8Gi", pattern=r"^[0-9]+(\.[0-9]+)?([EPTGMK]i?)?$", json_schema_extra=role("inert"),
+                          description="Kubernetes: memory-backed /dev/shm per node (NCCL, DataLoader workers).")
+    storage_secret: str = Field(
+        "loraflow-storage", pattern=r"^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", json_schema_extra=role("inert"),
+        description="Kubernetes: Secret whose keys become the nodes' environment (AWS_ACCESS_KEY_ID, ...).")
+    service_account: str | None = Field(None, json_schema_extra=role("inert"),
+                                        description="Kubernetes: the nodes' service account (None: the namespace's default).")
+    backoff_limit: int = Field(
+        0, ge=0, json_schema_extra=role("inert"),
+        description="Kubernetes: node failures the Job absorbs (each restart resumes from the newest stored "
+                    "checkpoint); past it the Job and the flow run fail. 0: Prefect's retry decides.")
+    pending_timeout_s: int = Field(
+        1800, ge=60, json_schema_extra=role("inert"),
+        description="Kubernetes: how long the nodes may wait to be scheduled (free GPUs) before the run fails.")
+
+
 class Settings(BaseModel):
     """A run's spec (see the module docstring): validating it never reads the environment."""
 
@@ -249,6 +293,7 @@ class Settings(BaseModel):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     prefect: PrefectSettings = Field(default_factory=PrefectSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     def public_dict(self) -> dict[str, Any]:
         """JSON-able dump (for logs, manifests, `config show`); settings hold no secrets."""
