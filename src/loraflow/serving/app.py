@@ -1,37 +1,48 @@
-"""The HTTP face of a `Service`: OpenAI-style `/v1/completions`, `/v1/models`, `/v1/adapter`,
-`/health` and `/metrics`.
+"""The HTTP face of a `Service`: OpenAI-style `/v1/completions`, `/v1/chat/completions`,
+`/v1/models`, `/v1/adapter`, `/health` and `/metrics`.
 
 Requests are read as OpenAI clients send them (LangChain, the openai package, curl): every standard
-field of the completions API is accepted with its neutral value (`presence_penalty: 0`,
-`frequency_penalty: 0`, `logprobs: null`, `logit_bias: {}`, `n: 1`, `best_of: 1`, `echo: false`,
-`suffix: null`, `stream: false`, `user`, null for any of them) and a prompt may be a list of
-strings (one choice per prompt, as OpenAI answers a batch). A value that would change the output in
-a way this server does not implement (a penalty, logprobs, n > 1, streaming) is refused by name, as
-is a field OpenAI does not define; `seed` is honoured when sampling.
+field is accepted with its neutral value (`presence_penalty: 0`, `frequency_penalty: 0`,
+`logprobs: null`, `logit_bias: {}`, `n: 1`, `best_of: 1`, `echo: false`, `suffix: null`, `user`,
+null for any of them) and a completions prompt may be a list of strings (one choice per prompt, as
+OpenAI answers a batch). A value that would change the output in a way this server does not
+implement (a penalty, logprobs, n > 1, tools) is refused by name, as is a field OpenAI does not
+define; `seed` is honoured when sampling. `stream: true` answers with server-sent events
+(`data: {chunk}` ... `data: [DONE]`), with a usage chunk when `stream_options.include_usage`.
+
+`model` chooses the adapter: `NAME`, `NAME@ALIAS` or `NAME==VERSION`; one this server does not
+serve is a 404 `model_not_found`. Every answer names what generated it: `model` is
+`NAME==VERSION`, `system_fingerprint` is `sha256:<manifest sha256>`, and the headers
+`x-loraflow-adapter-version` / `x-loraflow-adapter-sha256` say the same (before the first byte of
+a stream).
 
 Every error, on every route (FastAPI's own 404, 405 and validation errors included), is OpenAI's
 error shape, `{"error": {"message", "type", "param", "code"}}`: 400 with the field named in
 `param` and the message (`max_tokens: Input should be greater than or equal to 1`), 404/405 for
-unknown routes and methods, 503 before the first version is loaded, 500 for a crash.
-Handlers are plain functions, which FastAPI runs in its thread pool; generations then queue on the
-model lock (see serving.model).
+unknown routes, methods and models, 503 before a version is loaded, 500 for a crash.
+Handlers are plain functions, which FastAPI runs in its thread pool; each waits for its sequences,
+which the one generation loop (serving.scheduler) runs batched with every other request's.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Annotated
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loraflow.log import get_logger
 from loraflow.serving.model import NotReady
-from loraflow.serving.service import BadRequest, Service
+from loraflow.serving.scheduler import GenerationFailed
+from loraflow.serving.service import BadRequest, ModelNotFound, Service, identity
 
 log = get_logger("serving")
 
 MAX_STOP = 4  # as OpenAI
-MAX_PROMPTS = 16  # prompts in one request; each is generated in turn under the model lock
+MAX_PROMPTS = 16  # prompts in one request; they are generated together, batched
 
 
 class Unsupported(ValueError):
@@ -42,15 +53,19 @@ class Unsupported(ValueError):
 NEUTRAL = {
     "n": ((1,), "only 1 is supported"),
     "best_of": ((1,), "only 1 is supported"),
-    "stream": ((False,), "streaming is not supported"),
-    "stream_options": ((), "only applies to streaming, which is not supported"),
     "logprobs": ((), "log probabilities are not supported"),
     "echo": ((False,), "echoing the prompt is not supported"),
     "suffix": (("",), "insertion (a suffix) is not supported"),
     "presence_penalty": ((0,), "penalties are not supported"),
     "frequency_penalty": ((0,), "penalties are not supported"),
     "logit_bias": (({},), "logit biases are not supported"),
+    "tools": (([],), "tools are not supported"),
+    "tool_choice": (("none",), "tools are not supported"),
+    "functions": (([],), "functions are not supported"),
+    "top_logprobs": ((0,), "log probabilities are not supported"),
 }
+CHAT_NEUTRAL = {**{k: v for k, v in NEUTRAL.items() if k not in ("best_of", "echo", "suffix", "logprobs")},
+                "logprobs": ((False,), "log probabilities are not supported")}
 
 
 def _is_neutral(value, neutral: tuple) -> bool:
@@ -59,10 +74,29 @@ def _is_neutral(value, neutral: tuple) -> bool:
                                 for n in neutral)
 
 
+def _stops(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if len(value) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop sequences")
+    if any(not s for s in value):
+        raise ValueError("stop sequences must not be empty")
+    return value
+
+
 def _json(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # the openai client may send it; nothing to obfuscate here
 
 
 class CompletionRequest(BaseModel):
@@ -77,13 +111,13 @@ class CompletionRequest(BaseModel):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    model: str | None = None  # accepted for OpenAI clients; the alias being followed decides
+    model: str | None = None  # NAME, NAME@ALIAS or NAME==VERSION (may be left out when one adapter is served)
     seed: int | None = None
     user: str | None = None
     n: int | None = None
     best_of: int | None = None
     stream: bool | None = None
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     logprobs: int | None = None
     echo: bool | None = None
     suffix: str | None = None
@@ -104,24 +138,90 @@ class CompletionRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, value):
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [value]
-        if len(value) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        if any(not s for s in value):
-            raise ValueError("stop sequences must not be empty")
-        return value
+        return _stops(value)
 
-    @field_validator(*NEUTRAL)
+    @field_validator(*(k for k in NEUTRAL if k not in ("tools", "tool_choice", "functions", "top_logprobs")))
     @classmethod
     def _neutral_only(cls, value, info):
-        neutral, why = NEUTRAL[info.field_name]
-        if _is_neutral(value, neutral):
+        return _neutral(NEUTRAL, value, info.field_name)
+
+
+def _neutral(table: dict, value, field: str):
+    neutral, why = table[field]
+    if _is_neutral(value, neutral):
+        return value
+    allowed = " or ".join([*map(_json, neutral), "null"])
+    raise Unsupported(f"{why}; send {allowed} or leave it out")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    refusal: str | None = None
+
+    def plain(self) -> dict:
+        content = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(part.text for part in self.content)
+        # The templates of open models know system, user and assistant; OpenAI's "developer" is a system turn.
+        return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat completions request, with the same rules as CompletionRequest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str | None = None
+    n: int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict | None = None
+    store: bool | None = None
+    metadata: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return _stops(value)
+
+    @field_validator(*CHAT_NEUTRAL)
+    @classmethod
+    def _neutral_only(cls, value, info):
+        return _neutral(CHAT_NEUTRAL, value, info.field_name)
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is None or value == {"type": "text"}:
             return value
-        allowed = " or ".join([*map(_json, neutral), "null"])
-        raise Unsupported(f"{why}; send {allowed} or leave it out")
+        raise Unsupported('only plain text answers are supported; send {"type": "text"} or leave it out')
 
 
 # FastAPI's status codes and the error `type`/`code` OpenAI's clients expect for them.
@@ -129,6 +229,7 @@ _KINDS = {400: ("invalid_request_error", "invalid_value"), 404: ("invalid_reques
           405: ("invalid_request_error", "method_not_allowed"), 413: ("invalid_request_error", "too_large"),
           415: ("invalid_request_error", "unsupported_media_type"), 500: ("server_error", "internal_error"),
           503: ("server_error", "model_not_ready")}
+IDENTITY_HEADERS = ("x-loraflow-adapter-version", "x-loraflow-adapter-sha256")
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str | None = None, code: str | None = None,
@@ -152,12 +253,14 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
             return "request body must be a JSON object", None, "invalid_json"
         # A union (str | list[str]) reports each branch; the field's name and first reason suffice.
         field = loc[0] if loc else "body"
+        if field in ("messages", "stream_options"):  # nested models: name the inner field too
+            field = ".".join([field, *[q for q in loc[1:] if not q.isdigit()][:1]])
         if param == field:
             continue
         param = param or field
         msg = err.get("msg", "")
         if err.get("type") == "extra_forbidden":
-            msg, code = "not a parameter of OpenAI's completions API (or not one this server knows)", "unknown_parameter"
+            msg, code = "not a parameter of OpenAI's API (or not one this server knows)", "unknown_parameter"
         elif isinstance((err.get("ctx") or {}).get("error"), Unsupported):
             msg, code = str(err["ctx"]["error"]), "unsupported_value"
         elif field == "prompt" and err.get("type") in ("string_type", "list_type"):
@@ -166,14 +269,66 @@ def _describe_validation(errors) -> tuple[str, str | None, str]:
     return "; ".join(parts) or "invalid request", param, code
 
 
+def _headers(entry) -> dict:
+    return dict(zip(IDENTITY_HEADERS, (entry.version, entry.sha256)))
+
+
+def _sse(payload) -> str:
+    import json
+
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+def _stream(service: Service, entry, sequences, *, chat: bool, include_usage: bool):
+    """OpenAI's stream: one chunk per piece of text, a last chunk per choice with its
+    finish_reason, the usage chunk when asked, then [DONE]. Choices come one after the other
+    (their sequences generate together; each one's text waits in its queue)."""
+    base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
+            "model": entry.model_id, "system_fingerprint": identity(entry)}
+
+    def chunk(index: int, text: str | None, finish: str | None, first: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        return {**base, "choices": [choice]}
+
+    done = 0
+    try:
+        for index, seq in enumerate(sequences):
+            if chat:
+                yield _sse(chunk(index, "", None, first=True))
+            for kind, value in seq.events():
+                if kind == "text":
+                    yield _sse(chunk(index, value, None))
+                else:
+                    yield _sse(chunk(index, None, value))
+            done += 1
+        tokens = sum(seq.completion_tokens for seq in sequences)
+        service.metrics.tokens.inc(tokens)
+        if include_usage:
+            prompt = sum(len(seq.prompt_ids) for seq in sequences)
+            yield _sse({**base, "choices": [], "usage": {"prompt_tokens": prompt, "completion_tokens": tokens,
+                                                         "total_tokens": prompt + tokens}})
+        yield _sse("[DONE]")
+    except GenerationFailed as exc:
+        yield _sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "internal_error"}})
+    finally:
+        for seq in sequences[done:]:
+            seq.cancelled = True  # the client went away: their rows leave the batch at the next step
+
+
 def create_app(service: Service):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="loraflow serve", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
+    generating = ("/v1/completions", "/v1/chat/completions")
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -184,7 +339,8 @@ def create_app(service: Service):
     async def _http(request: Request, exc: StarletteHTTPException):
         message = str(exc.detail)
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path} (this server has /v1/completions, /v1/models)"
+            message = (f"no route {request.method} {request.url.path} (this server has /v1/completions, "
+                       "/v1/chat/completions, /v1/models)")
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return _error(exc.status_code, message, headers=getattr(exc, "headers", None))
@@ -196,7 +352,7 @@ def create_app(service: Service):
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):
-        if request.url.path != "/v1/completions":
+        if request.url.path not in generating:
             return await call_next(request)
         started = time.perf_counter()
         try:
@@ -207,28 +363,49 @@ def create_app(service: Service):
         service.metrics.observe(response.status_code, time.perf_counter() - started)
         return response
 
+    def answer(model, prompts, body, *, chat: bool, max_tokens: int | None):
+        try:
+            options = dict(max_tokens=16 if max_tokens is None else max_tokens,
+                           temperature=1.0 if body.temperature is None else body.temperature,
+                           top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed)
+            if body.stream:
+                entry, sequences = service.start_generation(model, prompts, **options)
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                return StreamingResponse(_stream(service, entry, sequences, chat=chat, include_usage=usage),
+                                         media_type="text/event-stream",
+                                         headers={**_headers(entry), "cache-control": "no-cache"})
+            entry, content = service.complete_all(prompts, model=model, chat=chat, **options)
+            return JSONResponse(content, headers=_headers(entry))
+        except BadRequest as exc:
+            return _error(400, str(exc), exc.param)
+        except ModelNotFound as exc:
+            return _error(404, str(exc), "model", code="model_not_found")
+        except NotReady as exc:
+            return _error(503, str(exc))
+        except GenerationFailed as exc:
+            return _error(500, str(exc))
+
     @app.post("/v1/completions")
     def completions(body: CompletionRequest):
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        return answer(body.model, prompts, body, chat=False, max_tokens=body.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    def chat_completions(body: ChatCompletionRequest):
         try:
-            return service.complete_all(
-                prompts, max_tokens=16 if body.max_tokens is None else body.max_tokens,
-                temperature=1.0 if body.temperature is None else body.temperature,
-                top_p=1.0 if body.top_p is None else body.top_p, stop=body.stop or [], seed=body.seed)
+            prompt = service.chat_prompt(body.model, [m.plain() for m in body.messages])
         except BadRequest as exc:
-            param = str(exc).split(":", 1)[0] if str(exc).startswith(("max_tokens", "prompt")) else None
-            return _error(400, str(exc), param)
+            return _error(400, str(exc), exc.param)
+        except ModelNotFound as exc:
+            return _error(404, str(exc), "model", code="model_not_found")
         except NotReady as exc:
             return _error(503, str(exc))
+        limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return answer(body.model, [prompt], body, chat=True, max_tokens=limit)
 
     @app.get("/v1/models")
     def models():
-        info = service.describe()
-        data = []
-        if info["version"]:
-            data.append({"id": info["model"], "object": "model", "owned_by": "loraflow",
-                         "root": (info["base_model"] or {}).get("id"), "alias": f"{service.name}@{service.alias}"})
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": service.models()}
 
     @app.get("/v1/adapter")
     def adapter():
@@ -236,15 +413,15 @@ def create_app(service: Service):
 
     @app.get("/health")
     def health():
-        info = service.describe()
-        if not info["version"]:
-            swap = info["last_swap_error"]
-            reason = f": {swap['error']}" if swap else ""
+        if not service.ready:
+            errors = [r.last_swap_error for r in service.routes if r.last_swap_error]
+            reason = f": {errors[0]['error']}" if errors else ""
             return JSONResponse(status_code=503, content={
-                "status": "loading", "last_swap_error": swap,
+                "status": "loading", "last_swap_error": errors[0] if errors else None,
                 "error": {"message": f"no version loaded yet{reason}", "type": "server_error", "param": None,
                           "code": "model_not_ready"}})
-        return {"status": "ok", "model": info["model"]}
+        info = service.describe()
+        return {"status": "ok", "model": info["model"], "models": [m["id"] for m in service.models()]}
 
     @app.get("/metrics")
     def metrics():

@@ -1,4 +1,4 @@
-"""Prometheus metrics of one service. Each service gets its own registry, so two services in one
+"""Prometheus metrics of one service (all the adapters it serves). Each service gets its own registry, so two services in one
 process (tests, the benchmark) never clash on metric names."""
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ class Metrics:
         self.latency = Histogram("loraflow_serve_request_latency_seconds", "Completion latency (answered 2xx)",
                                  buckets=LATENCY_BUCKETS, registry=self.registry)
         self.tokens = Counter("loraflow_serve_generated_tokens", "Tokens generated", registry=self.registry)
-        self.version = Gauge("loraflow_serve_adapter_info", "1 for the adapter version new requests go to",
-                             ["name", "alias", "version"], registry=self.registry)
-        self.queue = Gauge("loraflow_serve_queue_depth", "Requests and swap steps waiting for the model",
+        self.version = Gauge("loraflow_serve_adapter_info", "1 for the adapter version new requests go to, per "
+                             "served ref (alias, or 'pinned')", ["name", "alias", "version"], registry=self.registry)
+        self.queue = Gauge("loraflow_serve_queue_depth", "Sequences waiting to join the generation batch",
                            registry=self.registry)
+        self.batch = Gauge("loraflow_serve_batch_size", "Sequences in the generation batch now", registry=self.registry)
         self.swaps = Counter("loraflow_serve_swaps", "Alias moves handled, by result (ok, canary_failed, "
                              "load_failed)", ["result"], registry=self.registry)
+        self._served: set[tuple[str, str, str]] = set()
 
     def observe(self, status: int, seconds: float) -> None:
         self.requests.labels(status=str(status)).inc()
@@ -36,7 +38,12 @@ class Metrics:
             self.latency.observe(seconds)
 
     def serving(self, name: str, alias: str, version: str) -> None:
-        self.version.clear()
+        # Only this ref's previous version leaves the gauge: the other served refs stay.
+        for labels in list(self._served):
+            if labels[:2] == (name, alias):
+                self.version.remove(*labels)
+                self._served.discard(labels)
+        self._served.add((name, alias, version))
         self.version.labels(name=name, alias=alias, version=version).set(1)
 
     def render(self) -> tuple[bytes, str]:

@@ -1,22 +1,25 @@
 """One base model with the adapter versions loaded on it (PEFT multi-adapter), and the rules that
-make a swap safe.
+make a swap and an eviction safe.
 
-Every use of the model (a generation, a canary, loading or unloading an adapter) holds the model
-lock. PEFT's active adapter is a property of the whole model, so two generations with different
-adapters cannot overlap; on a CPU, where one generation already uses every core, serialising them
-costs nothing. Requests take the lock in arrival order (FIFO); swap work (load, canary, unload)
-goes before every waiting request, so a move is served after at most the generation running now
-plus the canary, not after the whole queue.
+Every use of the model (a generation step, a canary, loading or unloading an adapter) holds the
+model lock. The generation loop (serving.scheduler) takes it once per step, for every request of
+its batch at once, each row naming its adapter (`adapter_names`), so nothing depends on PEFT's
+active adapter. Swap work (load, canary, unload) is `urgent`: it goes before the next step, so a
+move is served after at most one step plus the canary, not after the queue.
 
-A request picks its version when its generation starts, under the lock: every generation that
-starts after a switch uses the new version, and the old version is unloaded (under the lock, so
-after the generation using it has finished) right after the switch.
+A request holds its version from the moment it is accepted (`acquire`) until its sequence
+finishes (`release`). A version that stops taking new requests (its alias moved on) is `retire`d:
+unloaded once its last request has finished. At most `max_loaded` versions stay loaded: when one
+more must be loaded, the least recently used version that is not pinned and has no request in
+flight is evicted (its verified files stay in the local cache; a later request loads it again).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +31,8 @@ from loraflow.log import get_logger
 from loraflow.registry.manifest import now_iso
 
 log = get_logger("serving")
+
+MANIFEST = "manifest.json"
 
 
 class ModelLock:
@@ -69,14 +74,36 @@ class NotReady(LoraflowError):
     """No version is loaded yet."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Loaded:
     slot: str  # PEFT adapter name (versions contain '.', which module names cannot)
     version: str
     manifest: dict = field(repr=False)
     path: Path
+    sha256: str = ""  # of the version's manifest.json, which lists every file's sha256
+    pinned: bool = False  # never evicted
     loaded_at: str = field(default_factory=now_iso)
-    unloaded: bool = False
+    unloaded: bool = False  # gone for good (retired or discarded)
+    evicted: bool = False  # out of memory for now; loaded again on demand
+    retired: bool = False  # takes no new requests; unloaded when the last one finishes
+    in_flight: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.get("name", "")
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.name}=={self.version}"
+
+
+def manifest_sha256(path: Path) -> str:
+    """The identity a response names: sha256 of the version's manifest (as `loraflow export` records)."""
+    try:
+        return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def base_tokenizer(manifest: dict, settings):
@@ -108,17 +135,24 @@ def same_base(a: dict, b: dict) -> bool:
 
 
 class ModelHolder:
-    def __init__(self) -> None:
+    def __init__(self, max_loaded: int = 8) -> None:
+        if max_loaded < 1:
+            raise ValueError(f"max_loaded={max_loaded}: must be >= 1")
         self.model = None
         self.tokenizer = None
+        self.base_manifest: dict | None = None  # the manifest whose base model is loaded
+        self.eos_ids: set[int] = set()
+        self.max_loaded = max_loaded
         self.lock = ModelLock()
-        self._books = threading.Lock()  # active / loaded
-        self.active: Loaded | None = None
-        self.loaded: dict[str, Loaded] = {}
+        self._books = threading.RLock()  # entries and their counts
+        self._tokenizer_lock = threading.Lock()  # a fast tokenizer shared by threads can fail "Already borrowed"
+        self.entries: list[Loaded] = []  # every version known here that is not unloaded for good
         self._slots = itertools.count(1)
+        self.loads = 0
+        self.evictions = 0
 
     # --- loading -------------------------------------------------------------------------------
-    def load_first(self, ref: str, path: Path, manifest: dict, *, settings, dest=None) -> Loaded:
+    def load_first(self, ref: str, path: Path, manifest: dict, *, settings, dest=None, pinned: bool = False) -> Loaded:
         """Load the base model the manifest names (verified by `load_adapter`) with this version."""
         import torch
 
@@ -130,93 +164,156 @@ class ModelHolder:
         model = loraflow.load_adapter(ref, settings=settings, dest=dest, dtype=dtype)
         model.to(device).eval()
         tokenizer = base_tokenizer(manifest, settings)
-        entry = Loaded("default", manifest["version"], manifest, Path(path))
+        entry = Loaded("default", manifest["version"], manifest, Path(path), manifest_sha256(path), pinned)
+        eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos |= set(configured) if isinstance(configured, list) else ({configured} if configured is not None else set())
         with self.lock.hold(urgent=True):
-            self.model, self.tokenizer = model, tokenizer
+            self.model, self.tokenizer, self.base_manifest, self.eos_ids = model, tokenizer, manifest, eos
         with self._books:
-            self.loaded[entry.slot] = entry
+            self.entries.append(entry)
+            self.loads += 1
         return entry
 
-    def add(self, path: Path, manifest: dict) -> Loaded:
+    def add(self, path: Path, manifest: dict, *, pinned: bool = False) -> Loaded:
         """Load another version of the same base beside the ones loaded (gets no traffic yet)."""
-        entry = Loaded(f"v{next(self._slots)}", manifest["version"], manifest, Path(path))
+        entry = Loaded(f"v{next(self._slots)}", manifest["version"], manifest, Path(path), manifest_sha256(path),
+                       pinned)
         with self.lock.hold(urgent=True):
-            try:
-                self.model.load_adapter(str(path), adapter_name=entry.slot)
-            except Exception:
-                # A half-injected adapter (e.g. a weights file that does not match its config)
-                # must not stay in the model the current version is serving from.
-                if entry.slot in getattr(self.model, "peft_config", {}):
-                    self.model.delete_adapter(entry.slot)
-                raise
-            self.model.eval()
+            self._inject(entry)
         with self._books:
-            self.loaded[entry.slot] = entry
+            self.entries.append(entry)
+        self._make_room(keep=entry)
         return entry
 
-    # --- using ---------------------------------------------------------------------------------
-    def _call(self, entry: Loaded, fn: Callable[[Any], Any]) -> Any:
-        import torch
+    def _inject(self, entry: Loaded) -> None:
+        """Load `entry`'s weights into the model (the caller holds the model lock)."""
+        try:
+            self.model.load_adapter(str(entry.path), adapter_name=entry.slot)
+        except Exception:
+            # A half-injected adapter (e.g. a weights file that does not match its config)
+            # must not stay in the model the current versions are serving from.
+            if entry.slot in getattr(self.model, "peft_config", {}):
+                self.model.delete_adapter(entry.slot)
+            raise
+        self.model.eval()
+        entry.evicted = False
+        self.loads += 1
 
-        if self.model.active_adapter != entry.slot:
-            self.model.set_adapter(entry.slot)
-        with torch.inference_mode():
-            return fn(self.model)
+    # --- requests ------------------------------------------------------------------------------
+    def acquire(self, entry: Loaded) -> Loaded:
+        """A request takes `entry`: it stays loaded until `release`; loaded again if evicted."""
+        with self._books:
+            if entry.unloaded:
+                raise NotReady(f"version {entry.version} was unloaded")
+            entry.in_flight += 1
+            entry.last_used = time.monotonic()
+            reload = entry.evicted
+        if reload:
+            try:
+                with self.lock.hold(urgent=True):
+                    if entry.evicted:
+                        self._inject(entry)
+                        log.info("loaded %s again (evicted earlier)", entry.model_id)
+            except Exception:
+                self.release(entry)
+                raise
+            self._make_room(keep=entry)
+        return entry
 
+    def release(self, entry: Loaded) -> None:
+        with self._books:
+            entry.in_flight -= 1
+            entry.last_used = time.monotonic()
+            done = entry.retired and entry.in_flight <= 0
+        if done:
+            self._unload(entry)
+
+    def encode(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    # --- swap work -----------------------------------------------------------------------------
     def run(self, entry: Loaded, fn: Callable[[Any], Any]) -> Any:
         """Swap work: `fn(model)` with `entry`'s adapter active, ahead of waiting requests."""
+        import torch
+
         with self.lock.hold(urgent=True):
-            if entry.unloaded:
-                raise ModelError(f"version {entry.version} was unloaded")
-            return self._call(entry, fn)
+            if entry.unloaded or entry.evicted:
+                raise ModelError(f"version {entry.version} is not loaded")
+            if self.model.active_adapter != entry.slot:
+                self.model.set_adapter(entry.slot)
+            with torch.inference_mode():
+                return fn(self.model)
 
-    def serve(self, fn: Callable[[Any], Any]) -> tuple[Loaded, Any]:
-        """A request: waits its turn, then runs `fn(model)` on the version active at that moment."""
-        if self.active is None:
-            raise NotReady("no adapter version loaded yet")
-        with self.lock.hold():
-            with self._books:
-                entry = self.active
-            if entry is None or self.model is None:
-                raise NotReady("no adapter version loaded yet")
-            return entry, self._call(entry, fn)
-
-    def switch(self, entry: Loaded) -> Loaded | None:
-        """Send every generation that starts from now on to `entry`; unload the previous version
-        (after the generation running now, if it uses it). Returns the previous version."""
+    def retire(self, entry: Loaded) -> None:
+        """`entry` takes no new requests (its alias moved on): unload it once the last one finishes."""
         with self._books:
-            old, self.active = self.active, entry
-        if old is not None and old is not entry:
-            self._unload(old)
-        return old
+            entry.retired = True
+            done = entry.in_flight <= 0
+        if done:
+            self._unload(entry)
 
     def discard(self, entry: Loaded) -> None:
         """Unload a version that never got traffic (its canary failed)."""
-        if self.active is None:
-            # The first version failed: drop the whole model so the next one starts clean
-            # (PEFT cannot hold a model with its only adapter deleted).
-            with self.lock.hold(urgent=True):
-                self.model = self.tokenizer = None
+        self._unload(entry)
+
+    def _make_room(self, keep: Loaded) -> None:
+        while True:
             with self._books:
-                self.loaded.clear()
-            entry.unloaded = True
-            return
-        if entry is not self.active:
-            self._unload(entry)
+                loaded = [e for e in self.entries if not e.evicted]
+                if len(loaded) <= self.max_loaded:
+                    return
+                victims = sorted((e for e in loaded if e is not keep and not e.pinned and e.in_flight <= 0
+                                  and not e.retired), key=lambda e: e.last_used)
+                if not victims:
+                    log.warning("%d adapter versions loaded, above the bound of %d: every other one is pinned "
+                                "or in use", len(loaded), self.max_loaded)
+                    return
+                victim = victims[0]
+            with self.lock.hold(urgent=True):
+                with self._books:
+                    if victim.evicted or victim.in_flight > 0 or victim.unloaded:
+                        continue
+                    self._delete(victim)
+                    victim.evicted = True
+                    self.evictions += 1
+            log.info("evicted %s (least recently used; %d loaded at most)", victim.model_id, self.max_loaded)
+
+    def _delete(self, entry: Loaded) -> None:
+        """Delete `entry`'s weights from the model (the caller holds the model lock)."""
+        others = [s for s in self.model.peft_config if s != entry.slot]
+        if self.model.active_adapter == entry.slot and others:
+            self.model.set_adapter(others[0])  # PEFT cannot delete the active adapter
+        self.model.delete_adapter(entry.slot)
 
     def _unload(self, entry: Loaded) -> None:
-        with self.lock.hold(urgent=True):
+        with self._books:
             if entry.unloaded:
                 return
-            active = self.active
-            if active is not None and self.model.active_adapter == entry.slot and active.slot != entry.slot:
-                self.model.set_adapter(active.slot)  # PEFT cannot delete the active adapter
-            self.model.delete_adapter(entry.slot)
             entry.unloaded = True
-        with self._books:
-            self.loaded.pop(entry.slot, None)
+            if entry in self.entries:
+                self.entries.remove(entry)
+            resident = not entry.evicted
+            others = [e for e in self.entries if not e.evicted]
+            spare = sorted((e for e in self.entries if e.evicted), key=lambda e: e.last_used)
+        if resident:
+            with self.lock.hold(urgent=True):
+                if not others and spare:
+                    self._inject(spare[-1])  # PEFT keeps at least one adapter: bring one back first
+                    others = [spare[-1]]
+                if others:
+                    self._delete(entry)
+                else:
+                    # The last version went: drop the whole model, the next one starts clean
+                    # (PEFT cannot hold a model with its only adapter deleted).
+                    self.model = self.tokenizer = self.base_manifest = None
         log.info("unloaded version %s", entry.version)
 
     def loaded_versions(self) -> list[str]:
         with self._books:
-            return [e.version for e in self.loaded.values()]
+            return [e.version for e in self.entries if not e.evicted]
