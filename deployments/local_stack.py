@@ -25,6 +25,7 @@ WHAT = {
     "retrain/retrain-demo": "the demo recipe (SmolLM2-135M, 400 IMDB reviews, 120 steps): what a local stack can train",
     "retrain/retrain-imdb": "the seed recipe (DialoGPT-medium, imdb from the hub, 1000 steps), weekly",
     "retrain/retrain-on-new-data": "the seed recipe's change check every 15 minutes and on loraflow.data.landed events",
+    "retrain-fleet/retrain-fleet": "the example fleet (3 demo-recipe adapters), daily and on loraflow.data.landed for its sources",
     "train-adapter/train-adapter": "the training side on the gpu pool, started by retrain runs, never on its own",
 }
 

@@ -37,7 +37,7 @@ from loraflow.tasks.publish import publish_task
 from loraflow.tasks.train import fetch_staged_task, remove_run_scratch
 
 
-def _artifact_key(name: str, what: str) -> str:
+def artifact_key(name: str, what: str) -> str:
     # Artifact keys allow lowercase letters, digits and dashes only.
     return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{what}".lower()).strip("-")
 
@@ -77,7 +77,7 @@ def skipped(settings: Settings, check: dict[str, Any], elapsed: float) -> Any:
     message = f"skipped: nothing changed since {name}=={check['champion']}"
     get_run_logger().info("%s (data, base model and training settings as recorded in its manifest; "
                           "--force or registry.force retrains anyway)", message)
-    create_markdown_artifact(key=_artifact_key(name, "version"), markdown=f"# {name}: {message}\n",
+    create_markdown_artifact(key=artifact_key(name, "version"), markdown=f"# {name}: {message}\n",
                              description=message)
     return Completed(name="Skipped", message=message,
                      data={"skipped": True, "message": message, "name": name, "champion": check["champion"],
@@ -139,7 +139,7 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         {"metric": "train time (s)", "value": round(float(train.get("train_time_s") or 0), 1)},
         {"metric": "train tokens/s", "value": round(float(train.get("tokens_per_s") or 0), 1)},
     ] + [{"metric": f"wall time: {k} (s)", "value": round(v, 1)} for k, v in timings.items()]
-    create_table_artifact(key=_artifact_key(name, "metrics"), table=rows,
+    create_table_artifact(key=artifact_key(name, "metrics"), table=rows,
                           description=f"{name} {published['version']}: base vs adapter perplexity, gate, training throughput")
     verdict = "PROMOTED to" if decision.promote else "NOT promoted to"
     md = (
@@ -159,7 +159,7 @@ def publish_artifacts(settings: Settings, published: dict[str, Any], decision: G
         f"Use it:\n\n```bash\nloraflow pull {name}=={published['version']}\n```\n\n"
         f"## Training loss\n\n{_loss_curve_markdown(train.get('loss_curve_path'))}\n"
     )
-    create_markdown_artifact(key=_artifact_key(name, "version"), markdown=md,
+    create_markdown_artifact(key=artifact_key(name, "version"), markdown=md,
                              description=f"published {name}=={published['version']}")
 
 
@@ -182,7 +182,7 @@ def _retrain(settings: Settings) -> Any:
     # The run's parameters may be partial (a Quick run): what it follows, in full, is shown with it.
     import json
 
-    create_markdown_artifact(key=_artifact_key(settings.registry.adapter_name, "spec"),
+    create_markdown_artifact(key=artifact_key(settings.registry.adapter_name, "spec"),
                              markdown=f"```json\n{json.dumps(settings.public_dict(), indent=2)}\n```\n",
                              description="the run's resolved settings (its spec)")
 

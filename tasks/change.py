@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from loraflow.settings import Settings
 
 
-@task(name="change-check", cache_policy=NO_CACHE)
+@task(name="change-check", task_run_name="change-check-{settings.registry.adapter_name}", cache_policy=NO_CACHE)
 def change_check_task(settings: Settings) -> dict[str, Any]:
     from loraflow.changes import check_since_champion
 
