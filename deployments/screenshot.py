@@ -50,7 +50,9 @@ async def version_artifact_id(flow_run_id: str) -> str | None:
     async with get_client() as client:
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), type=ArtifactFilterType(any_=["markdown"])))
-    return str(artifacts[0].id) if artifacts else None
+    # A run also records its spec as markdown: the version artifact is the one whose key ends "-version".
+    versions = [a for a in artifacts if (a.key or "").endswith("-version")]
+    return str(versions[0].id) if versions else None
 
 
 def capture(url: str, out: Path, *, width: int = 1400, height: int = 1100, wait_ms: int = 15000,
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flow run {name} ({run_id})")
     artifact = asyncio.run(version_artifact_id(run_id))
     if artifact is None:
-        raise SystemExit(f"flow run {run_id} has no markdown artifact")
+        raise SystemExit(f"flow run {run_id} has no version artifact (key ending -version)")
     with tempfile.TemporaryDirectory(prefix="loraflow-shots-") as tmp:
         run_png = capture(f"{base}/runs/flow-run/{run_id}?tab={args.tab}", Path(tmp, "run.png"),
                           width=args.width, height=args.height)
