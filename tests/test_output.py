@@ -135,7 +135,7 @@ def test_repeated_lines_of_one_run_are_said_once(tiny_settings, caplog):
     with caplog.at_level(logging.DEBUG, logger="loraflow"):
         with one_run():
             for _ in range(3):
-                modeling.resolve_precision(settings.training, settings.model, device="cpu")
+                modeling.resolve_precision(settings.training, settings.model, device="cpu", bf16_supported=False)
                 prepare_dataset(settings, tokenizer)
     assert len([m for m in said(logging.WARNING) if m.startswith("precision:")]) == 1
     assert len([m for m in said(logging.INFO) if "prepared data from cache" in m]) == 1
@@ -145,7 +145,7 @@ def test_repeated_lines_of_one_run_are_said_once(tiny_settings, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="loraflow"):
         for _ in range(2):
-            modeling.resolve_precision(settings.training, settings.model, device="cpu")
+            modeling.resolve_precision(settings.training, settings.model, device="cpu", bf16_supported=False)
     assert len([m for m in said(logging.WARNING) if m.startswith("precision:")]) == 2
 
 

@@ -21,7 +21,7 @@ def test_precision_resolves_per_device(caplog):
 
     seed = load_settings()  # the seed: fp16=True, model dtype bfloat16
     with caplog.at_level(logging.WARNING, logger="loraflow"):
-        cpu = resolve_precision(seed.training, seed.model, device="cpu")
+        cpu = resolve_precision(seed.training, seed.model, device="cpu", bf16_supported=False)
     assert (cpu.name, cpu.model_dtype) == ("fp32", "float32")
     warned = [r.getMessage() for r in caplog.records if "precision" in r.getMessage()]
     assert len(warned) == 1 and "training.fp16=true" in warned[0] and "model.dtype=bfloat16" in warned[0]
