@@ -136,10 +136,14 @@ def _document_losses(model, dataset, collator, *, batch_size: int, device: str,
     import torch
     import torch.nn.functional as F
 
+    from loraflow.modeling import autocast, precision_of
+
     sums: list[float] = []
     counts: list[int] = []
     model.eval()
-    with torch.inference_mode():
+    # The precision the base is held in (bf16 on a CPU with native bf16, see modeling.resolve_precision),
+    # as in training: the adapters stay fp32 and meet it under autocast; the loss is taken in fp32.
+    with torch.inference_mode(), autocast(precision_of(model)):
         for start in range(0, len(dataset), batch_size):
             t0 = time.perf_counter()
             rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
@@ -183,13 +187,14 @@ def generate_samples(model, tokenizer, prompts=EVAL_PROMPTS, *, device: str, see
     import torch
     from transformers import set_seed
 
-    from loraflow.modeling import pad_token_id
+    from loraflow.modeling import autocast, pad_token_id, precision_of
 
     out_rows = []
+    precision = precision_of(model)
     for prompt in prompts:
         set_seed(seed)  # greedy needs no randomness, but dropout-free eval + fixed seed keeps it exact
         enc = tokenizer(prompt, return_tensors="pt").to(device)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             # EOS as training appended it to every document: stopping on it is what health measures.
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=pad_token_id(tokenizer), eos_token_id=tokenizer.eos_token_id)

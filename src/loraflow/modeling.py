@@ -9,7 +9,9 @@ dtype are right on a GPU and a trap on a CPU without native half-precision maths
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import platform
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,14 +96,78 @@ def detect_device() -> Literal["cpu", "cuda", "mps"]:
     return "cpu"
 
 
+@dataclass(frozen=True)
+class CpuBf16:
+    """Whether this CPU multiplies bf16 in hardware; `evidence` says why in a few words."""
+
+    native: bool
+    evidence: str
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16() -> CpuBf16:
+    """Native bf16 maths: x86's avx512_bf16 or AMX (oneDNN then runs bf16 matrix products at 2-3x
+    the fp32 rate), aarch64's bf16 extension. Without them torch emulates bf16, ~60x slower than fp32
+    (ASSETS.md: 1.2 against 90 GFLOP/s on an AVX2-only EPYC). torch's own probe asks the processor
+    (cpuid, as oneDNN does); /proc/cpuinfo's flags stand in where this torch has no probe."""
+    import torch
+
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    flags = _proc_cpu_flags()
+    probed = None if arm else _torch_bf16_probe()
+    if arm:
+        found = ["bf16"] if "bf16" in flags else []
+    elif probed is not None:
+        found = probed
+    else:
+        found = [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    if found:
+        return CpuBf16(True, " and ".join(found))
+    missing = "no bf16 extension" if arm else "no avx512_bf16, no AMX"
+    return CpuBf16(False, f"{torch.backends.cpu.get_cpu_capability()}: {missing}")
+
+
+def _torch_bf16_probe() -> list[str] | None:
+    """torch's own cpuid probe, in builds that expose it (torch 2.13's `torch._C._cpu` has only
+    `_get_cpu_capability` and `_init_amx`): None where it does not."""
+    import torch
+
+    probe = getattr(torch._C, "_cpu", None)
+    checks = (("avx512_bf16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+    if probe is None or not all(hasattr(probe, fn) for _, fn in checks):
+        return None
+    return [name for name, fn in checks if getattr(probe, fn)()]
+
+
+def _proc_cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
 def resolve_precision(training: TrainingSettings, model_settings: ModelSettings, *,
                       device: str | None = None, bf16_supported: bool | None = None) -> Precision:
-    """CPU (and MPS): always fp32, with one warning when the settings asked for half precision
-    (no native bf16/fp16 maths on such CPUs: a step runs ~60x slower, see ASSETS.md).
-    CUDA: explicit `training.precision` wins; `auto` gives bf16 where the GPU has it (or when
-    `training.bf16`), else fp16 when `training.fp16` (the seed), else fp32."""
+    """What a run computes in on `device` (default: this machine's), said in one line.
+
+    CPU: `auto` gives bf16 where the CPU multiplies bf16 natively (`cpu_bf16`), else fp32, whatever
+    the seed's `fp16=True` / bfloat16 dtype ask for (half precision without native maths is a trap:
+    one micro-batch ~235 s against ~4 s, ASSETS.md). An explicit `training.precision=bf16` is honoured
+    everywhere, with a warning where it is emulated; fp16 on a CPU resolves like auto. In bf16 the
+    frozen base is held in bf16 and the Trainer computes under autocast; peft keeps the LoRA weights
+    (so the optimizer state and the published adapter) in fp32.
+    MPS: fp32. CUDA: explicit `training.precision` wins; `auto` gives bf16 where the GPU has it (or
+    when `training.bf16`), else fp16 when `training.fp16` (the seed), else fp32.
+    `bf16_supported`: what the device offers, when the caller knows (tests); detected otherwise."""
     device = device or detect_device()
     requested = _requested_description(training, model_settings)
+    if device == "cpu":
+        return _resolve_cpu(training, requested, bf16_supported)
     if device != "cuda":
         if requested:
             # Training, evaluation and the gate each resolve precision: one warning per process.
@@ -138,6 +204,38 @@ def resolve_precision(training: TrainingSettings, model_settings: ModelSettings,
     return Precision(device="cuda", name=choice, model_dtype=dtype)  # type: ignore[arg-type]
 
 
+_CPU_FP32 = Precision(device="cpu", name="fp32", model_dtype="float32")
+_CPU_BF16 = Precision(device="cpu", name="bf16", model_dtype="bfloat16")
+_BF16_RECIPE = "frozen base in bf16, LoRA weights in fp32, compute under autocast"
+
+
+def _resolve_cpu(training: TrainingSettings, requested: str, bf16_supported: bool | None) -> Precision:
+    support = cpu_bf16() if bf16_supported is None else \
+        CpuBf16(bf16_supported, "as given" if bf16_supported else "none, as given")
+    if training.precision == "fp32":
+        return _CPU_FP32
+    if training.precision == "bf16":
+        if support.native:
+            log_once(log, logging.INFO, "precision: bf16 on cpu as training.precision=bf16 asks (native bf16 "
+                     "maths: %s): %s", support.evidence, _BF16_RECIPE)
+        else:
+            log_once(log, logging.WARNING, "precision: bf16 on cpu as training.precision=bf16 asks, but this CPU "
+                     "has no native bf16 maths (%s): emulated, many times slower than fp32 (auto would use fp32)",
+                     support.evidence)
+        return _CPU_BF16
+    # auto, or fp16: no CPU trains fast in fp16, so it resolves like auto and says so.
+    explicit_fp16 = training.precision == "fp16"
+    if support.native:
+        log_once(log, logging.WARNING if explicit_fp16 else logging.INFO,
+                 "precision: %sbf16 on cpu: this CPU multiplies bf16 natively (%s): %s",
+                 f"settings request {requested}; using " if requested else "", support.evidence, _BF16_RECIPE)
+        return _CPU_BF16
+    log_once(log, logging.WARNING if requested else logging.INFO,
+             "precision: %sfp32 on cpu: this CPU has no native bf16 maths (%s), where half precision runs many "
+             "times slower", f"settings request {requested}; using " if requested else "", support.evidence)
+    return _CPU_FP32
+
+
 def _requested_description(training: TrainingSettings, model_settings: ModelSettings) -> str:
     asked = []
     if training.precision in ("bf16", "fp16"):
@@ -149,6 +247,30 @@ def _requested_description(training: TrainingSettings, model_settings: ModelSett
     if model_settings.dtype in ("bfloat16", "float16"):
         asked.append(f"model.dtype={model_settings.dtype}")
     return ", ".join(asked)
+
+
+def autocast(precision: Precision):
+    """The compute context of `precision`: autocast to bf16/fp16 on its device, nothing in fp32.
+    The Trainer enters it itself (its bf16/fp16 flags); evaluation, generation and the service
+    enter it around their forwards, so half-precision weights meet fp32 adapters the same way in
+    all of them: matrix products in half precision, reductions and the loss in fp32."""
+    import torch
+
+    if precision.name == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(precision.device, dtype=torch.bfloat16 if precision.bf16 else torch.float16)
+
+
+def precision_of(model) -> Precision:
+    """The precision a loaded model computes in, read from its frozen base weights (the input
+    embeddings, which LoRA never trains): bf16/fp16 weights compute under autocast to that dtype,
+    fp32 weights in fp32. For code that holds a model but not the run's resolution."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight.dtype, "fp32")
+    return Precision(device=weight.device.type, name=name,  # type: ignore[arg-type]
+                     model_dtype=str(weight.dtype).removeprefix("torch."))
 
 
 # --------------------------------------------------------------------------------------------
