@@ -87,7 +87,8 @@ class ModelSettings(_Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).",
                                  json_schema_extra=role("source"))
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "bfloat16", description="Weights dtype on an accelerator; a CPU always resolves to float32.",
+        "bfloat16", description=("Weights dtype on a GPU; on a CPU the base follows the resolved "
+                                 "precision (bfloat16 or float32)."),
         json_schema_extra=role("resolved"))
     device_map: str | None = Field("auto", json_schema_extra=role("inert"))
     trust_remote_code: bool = False
@@ -149,7 +150,9 @@ class TrainingSettings(_Section):
                        json_schema_extra=role("resolved"))
     bf16: bool = Field(False, json_schema_extra=role("resolved"))
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", json_schema_extra=role("resolved"), description="auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16), fp32 on CPU.")
+        "auto", json_schema_extra=role("resolved"),
+        description=("auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16); on a CPU bf16 where it "
+                     "multiplies bf16 natively (avx512_bf16, AMX), else fp32."))
     gradient_checkpointing: bool = False
     logging_steps: int = Field(25, gt=0, json_schema_extra=role("inert"))
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", json_schema_extra=role("inert"))
