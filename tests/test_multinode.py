@@ -24,19 +24,33 @@ from fixtures_s3 import create_bucket, s3_settings_for
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 8
 
-# Bitwise equality is not promised: one process accumulates two micro-batches' gradients in place,
-# two processes sum them in gloo's allreduce (DDP buckets, then the average over 2 ranks); floating
-# point addition of the same two terms can still round differently once bucketing or the order of
-# accumulation differ. Eight Adam steps at lr 3e-3 keep such differences near float32 resolution:
-# LoRA weights are O(1e-2), so 1e-6 absolute is far below any real divergence (a single step of
-# another batch moves them by ~lr = 3e-3).
+# One process adds two micro-batches' gradients in place; two processes add the same two terms in
+# gloo's allreduce (loss x 2 ranks, then DDP's average over 2: both exact in binary floating point).
+# Measured here: bitwise equal (max difference 0). Bitwise equality is not promised across
+# machines or versions (DDP bucketing, another reduction order), so the bound is float32 resolution
+# at these weights (O(1e-2)): 1e-6 absolute, far below what one step of another batch moves them
+# (~lr = 3e-3).
 ATOL = 1e-6
 
 
+@pytest.fixture(scope="module")
+def no_dropout_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-2 with its dropout off (same weights). Dropout masks come from each process's
+    own RNG stream, so one process and two can only agree without dropout (GPT-2's attention,
+    residual and embedding dropout, and LoRA's); the data order and the effective batch are the
+    same by construction (accelerate shards one seeded sampler's batches across ranks in turn)."""
+    import shutil
+
+    dest = tmp_path_factory.mktemp("tiny-gpt2-no-dropout")
+    for path in tiny_model_dir.iterdir():
+        shutil.copy2(path, dest / path.name)
+    config = json.loads((dest / "config.json").read_text())
+    config.update({k: 0.0 for k in config if k.endswith("pdrop") or k.endswith("_dropout")})
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def _settings(server, bucket: str, model_dir: Path, data_dir: Path, **training):
-    # lora_dropout 0: dropout masks come from each process's own RNG stream, so one process and two
-    # can only agree without it; the data order and the effective batch are the same by
-    # construction (accelerate shards one seeded sampler's batches across ranks in turn).
     return s3_settings_for(
         server, bucket,
         model={"name_or_path": str(model_dir)},
@@ -109,7 +123,7 @@ def _max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_process(s3_server, tiny_model_dir, imdb_data_dir, tmp_path_factory):
+def one_process(s3_server, no_dropout_model_dir, imdb_data_dir, tmp_path_factory):
     """The reference: one process, 4 rows x 2 accumulated batches = 8 rows per optimizer step."""
     import torch
 
@@ -117,7 +131,7 @@ def one_process(s3_server, tiny_model_dir, imdb_data_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("one-process")
     bucket = create_bucket(s3_server, "mn-ref-")
-    settings = _settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, gradient_accumulation_steps=2,
+    settings = _settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir, gradient_accumulation_steps=2,
                          save_strategy="no")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each node's rank (OMP_NUM_THREADS=1): the same matmul kernels
@@ -137,14 +151,14 @@ def one_process(s3_server, tiny_model_dir, imdb_data_dir, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_two_nodes_rendezvous_and_train_the_one_process_adapter(one_process, s3_server, tiny_model_dir,
+def test_two_nodes_rendezvous_and_train_the_one_process_adapter(one_process, s3_server, no_dropout_model_dir,
                                                                 imdb_data_dir, tmp_path):
     from loraflow.launch import fetch_trained
     from loraflow.storage.store import Store
 
     bucket = create_bucket(s3_server, "mn-a-")
     # 2 nodes x 1 process x 4 rows, no accumulation: 8 rows per optimizer step, as the reference.
-    settings = _two_nodes(_settings(s3_server, bucket, tiny_model_dir, imdb_data_dir, gradient_accumulation_steps=1,
+    settings = _two_nodes(_settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir, gradient_accumulation_steps=1,
                                     save_steps=4), _free_port())
     started = time.perf_counter()
     nodes = _start(tmp_path, settings, "mn-run-a", "a")
@@ -170,4 +184,41 @@ def test_two_nodes_rendezvous_and_train_the_one_process_adapter(one_process, s3_
     assert trained["train_tokens"] == ref_result.train_tokens
     difference = _max_difference(_lora_tensors(Path(trained["adapter_dir"])), reference)
     print(f"two nodes: {elapsed:.1f} s wall; max |two nodes - one process| over LoRA weights = {difference:.3g}")
+    assert difference <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_killed_node_is_resumed_from_rank_0s_stored_checkpoint(one_process, s3_server, no_dropout_model_dir,
+                                                                 imdb_data_dir, tmp_path):
+    from loraflow.checkpoints import latest_checkpoint
+    from loraflow.launch import fetch_trained
+
+    bucket = create_bucket(s3_server, "mn-b-")
+    settings = _two_nodes(_settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir,
+                                    gradient_accumulation_steps=1, save_steps=1), _free_port())
+    first = _start(tmp_path, settings, "mn-run-b", "first")
+    deadline = time.monotonic() + 180
+    while latest_checkpoint(settings.storage, "mn-run-b") is None:
+        assert time.monotonic() < deadline and all(n.proc.poll() is None for n in first), \
+            "\n\n".join(n.text()[-3000:] for n in first)
+        time.sleep(0.05)
+    # The node of global rank 0 (the one that writes whole checkpoints) is lost with its disk.
+    victim = next(n for n in first if any(n.out.glob("checkpoint-*/adapter_model.safetensors")))
+    victim.kill()
+    survivor = next(n for n in first if n is not victim)
+    assert survivor.wait(150) != 0  # its rank lost its peer: the node fails, it does not hang
+    stored = latest_checkpoint(settings.storage, "mn-run-b")
+    assert 0 < stored.step < MAX_STEPS, f"the kill came too late: step {stored.step} was stored"
+
+    # The engine starts the nodes again, on empty disks: the checkpoint can only come from storage.
+    again = _start(tmp_path, settings, "mn-run-b", "again")
+    codes = [node.wait(240) for node in again]
+    assert codes == [0, 0], "\n\n".join(n.text()[-3000:] for n in again)
+    for node in again:
+        assert f"resuming run mn-run-b from checkpoint step {stored.step}" in node.text()
+    trained = fetch_trained(settings, "mn-run-b", tmp_path / "flow-side")
+    assert trained["resumed_from_step"] == stored.step and trained["global_step"] == MAX_STEPS
+    difference = _max_difference(_lora_tensors(Path(trained["adapter_dir"])), one_process[0])
+    print(f"killed at stored step {stored.step}; resumed on fresh disks; max |resumed - one process| = {difference:.3g}")
     assert difference <= ATOL
