@@ -205,7 +205,7 @@ def test_endpoints_describe_the_served_version(served):
     ({"prompt": 42}, "prompt: Input should be a string or a list of strings (token-id prompts are not supported)"),
     ({"prompt": "hi", "temperature": 7}, "temperature: Input should be less than or equal to 2"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop: Value error, at most 4 stop sequences"),
-    ({"prompt": "hi", "stream": True}, "stream: streaming is not supported; send false or null or leave it out"),
+    ({"prompt": "hi", "n": 2}, "n: only 1 is supported; send 1 or null or leave it out"),
     ({"prompt": "hi", "best_of": 3}, "best_of: only 1 is supported; send 1 or null or leave it out"),
     ({"prompt": "hi", "presence_penalty": 0.5}, "presence_penalty: penalties are not supported; send 0 or null or leave it out"),
     (["hi"], "request body must be a JSON object"),
@@ -358,7 +358,10 @@ def test_model_lock_serves_requests_in_order_and_swap_work_first():
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["serve", "srv"], "'srv': serve an alias, NAME@ALIAS"),
-    (["serve", "srv==20261129T000000.000Z-abcdef"], "serve an alias, NAME@ALIAS"),
+    (["serve"], "serve: name at least one adapter"),
+    (["serve", "srv@champion", "--max-batch", "0"], "--max-batch 0: must be >= 1"),
+    (["serve", "srv@champion", "srv@champion"], "'srv@champion': listed twice"),
+    (["serve", "--adapters-file", "/nonexistent/refs.txt"], "--adapters-file /nonexistent/refs.txt:"),
     (["serve", "srv@champion", "--port", "70000"], "--port 70000: expected 0-65535"),
     (["serve", "srv@champion", "--poll-interval", "0"], "--poll-interval 0.0: must be positive"),
     (["serve", "srv@champion", "--canary-docs", "/nonexistent/docs.txt"], "--canary-docs /nonexistent/docs.txt:"),
