@@ -27,7 +27,7 @@ SOURCE_ROOTS = (PACKAGE, ROOT / "flows", ROOT / "tasks")
 EXTRA_OF_FOLDER = {PACKAGE / "serving": "serve", PACKAGE / "demo": "demo"}
 # Core modules allowed to import an extra's packages, inside a function only, because that function
 # is the extra's entry point; each names the extra to install in its error message.
-LAZY_ENTRY_POINTS = {PACKAGE / "cli" / "serve.py": "serve"}
+LAZY_ENTRY_POINTS = {PACKAGE / "cli" / "serve.py": "serve", PACKAGE / "kubernetes_job.py": "kubernetes"}
 
 # Floors found by reading the releases (see pyproject.toml): the oldest version with what the code
 # calls. A lower floor would let pip install a version that fails at run time.
