@@ -1,6 +1,7 @@
 """The `train-adapter` flow: everything that needs the accelerator, on the worker that has it (`gpu`),
 as one recipe (loraflow.recipe): set up once (base model files, tokenizer, config, prepared data),
-train (one process per device under torchrun when the worker has several), score the candidate,
+train (one process per device under torchrun when the worker has several; with cluster.nnodes > 1,
+on that many nodes of a Kubernetes Indexed Job this run creates and waits for), score the candidate,
 the base model and the current champion on the same loaded base and eval documents, then stage the
 adapter with those numbers in object storage. The CPU-side `retrain` flow keeps the cheap parts:
 the change check, the gate, publishing.
@@ -25,6 +26,7 @@ from loraflow.settings import Settings
 from loraflow.tasks.evaluate import score_task
 from loraflow.tasks.prepare import prepare_task
 from loraflow.tasks.promote import pull_version_task, read_champion_task
+from loraflow.tasks.cluster import train_on_cluster_task
 from loraflow.tasks.train import remove_run_scratch, stage_task, train_task
 
 
@@ -50,12 +52,19 @@ def train_adapter_flow(settings: Settings = seed_settings(), run_key: str | None
     with library_logs_in_prefect():
         settings = for_flow_run(settings)
         run_key = run_key or current_run_key()
+        if settings.cluster.nnodes > 1:
+            from loraflow.kubernetes_job import check, render
+
+            check(render(settings, run_key))  # a Job that cannot be created fails before any data work
         timings: dict[str, float] = {}
         t = time.perf_counter()
         recipe = prepare_task(settings)
         timings["preparation"] = time.perf_counter() - t
         t = time.perf_counter()
-        train = train_task(recipe, run_key)
+        if settings.cluster.nnodes > 1:
+            train = train_on_cluster_task(settings, run_key)  # the nodes' own pods, rank 0 uploading
+        else:
+            train = train_task(recipe, run_key)
         timings["training"] = time.perf_counter() - t
         t = time.perf_counter()
         champion_version, champion_dir = fetch_champion(settings)
