@@ -24,6 +24,7 @@ Prefect's Kubernetes worker uses) is needed, and only to check, create and wait.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
 import time
@@ -49,7 +50,11 @@ FATAL_WAITING = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName
 _INSTALL = "pip install 'loraflow[kubernetes]'"
 
 
-class NodeLost(LoraflowError):
+class ClusterError(LoraflowError):
+    """The Kubernetes API could not be reached, or failed a request: the next attempt may succeed."""
+
+
+class NodeLost(ClusterError):
     """A node of the Job died of something other than its own error (killed, evicted, out of
     memory, its machine gone): the run's next attempt resumes from the newest stored checkpoint."""
 
@@ -187,6 +192,7 @@ class Progress:
     done: bool = False
     failure: str | None = None  # one line
     lost: bool = False  # the failure is a lost node, not the run's own error
+    finished: bool = False  # the Job itself has ended (its pods' logs stay until its TTL)
     line: str = ""  # what the nodes are doing, for the log
 
 
@@ -234,7 +240,7 @@ def job_progress(job: Any, pods: list[Any], *, pending_timeout_s: float, now: da
         pod_line, lost = _pod_failure(first) if first else ("", True)
         return Progress(failure=f"kubernetes job {name} failed ({cond.reason or 'Failed'}"
                                 f"{': ' + cond.message if cond.message else ''})" + (f": {pod_line}" if pod_line else ""),
-                        lost=lost)
+                        lost=lost, finished=True)
     for pod in pods:
         for cs in (pod.status.container_statuses or []) if pod.status else []:
             waiting = cs.state.waiting if cs.state else None
@@ -258,8 +264,9 @@ def job_progress(job: Any, pods: list[Any], *, pending_timeout_s: float, now: da
 
 async def run_job(settings: Settings, run_key: str, *, poll_s: float = 10.0, report_every_s: float = 300.0) -> str:
     """Create the run's Job (and Service) and wait for it; returns the Job's name. Raises
-    TrainingError (the nodes' own error) or NodeLost (killed, evicted, lost) in one line; a
-    cancelled wait deletes the Job and its pods."""
+    TrainingError (the nodes' own error) or NodeLost (killed, evicted, lost) in one line, keeping
+    the failed Job for `kubectl logs` until its TTL (a day); a Job that cannot start, or a wait
+    that is cancelled, deletes the Job and its pods."""
     try:
         from kubernetes_asyncio import client, config
     except ImportError:
@@ -272,10 +279,21 @@ async def run_job(settings: Settings, run_key: str, *, poll_s: float = 10.0, rep
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        await config.load_kube_config()
+        try:
+            await config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ConfigError("no Kubernetes cluster to create the training job in: this is not a pod with a "
+                              f"service account, and the kubeconfig (KUBECONFIG or ~/.kube/config) fails: {exc}") from None
     async with client.ApiClient() as api:
         batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-        created = await batch.create_namespaced_job(namespace, job)
+        try:
+            created = await batch.create_namespaced_job(namespace, job)
+        except client.ApiException as exc:
+            raise _api_error(exc, f"create job {namespace}/{name}") from None
+        except Exception as exc:  # aiohttp's connection errors, DNS, TLS: the API is not reachable
+            raise ClusterError(f"kubernetes API {api.configuration.host} unreachable while creating job "
+                               f"{namespace}/{name}: {type(exc).__name__}: {exc}") from None
+        keep = False
         try:
             service["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": name,
                                                        "uid": created.metadata.uid}]
@@ -285,16 +303,28 @@ async def run_job(settings: Settings, run_key: str, *, poll_s: float = 10.0, rep
                      "job/%s` follows node 0", namespace, name, settings.cluster.nnodes,
                      f"{settings.cluster.gpus_per_node} GPU(s)", name, name, RDZV_PORT, namespace, name)
             started = last_report = time.monotonic()
-            said = ""
+            said, misses = "", 0
             while True:
-                current = await batch.read_namespaced_job(name, namespace)
-                pods = (await core.list_namespaced_pod(namespace, label_selector=f"{LABEL}={name}")).items
+                try:
+                    current = await batch.read_namespaced_job(name, namespace)
+                    pods = (await core.list_namespaced_pod(namespace, label_selector=f"{LABEL}={name}")).items
+                    misses = 0
+                except Exception as exc:  # noqa: BLE001 - an API server restarting must not end hours of training
+                    misses += 1
+                    if misses * poll_s > 600 or (isinstance(exc, client.ApiException) and exc.status in (401, 403, 404)):
+                        raise
+                    log.warning("kubernetes API: reading job %s/%s failed (%s); trying again in %.0f s", namespace,
+                                name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__, poll_s)
+                    await asyncio.sleep(poll_s)
+                    continue
                 progress = job_progress(current, pods, pending_timeout_s=settings.cluster.pending_timeout_s,
                                         now=datetime.now(timezone.utc))
                 if progress.done:
                     log.info("%s", progress.line)
                     return name
                 if progress.failure:
+                    if progress.finished:  # kept for `kubectl logs` until its TTL
+                        keep = True
                     raise (NodeLost if progress.lost else TrainingError)(progress.failure)
                 now = time.monotonic()
                 if progress.line != said or now - last_report >= report_every_s:
@@ -303,11 +333,29 @@ async def run_job(settings: Settings, run_key: str, *, poll_s: float = 10.0, rep
                              f"step {stored.step}" if stored else "none yet", (now - started) / 60)
                     said, last_report = progress.line, now
                 await asyncio.sleep(poll_s)
+        except client.ApiException as exc:
+            await _delete(batch, name, namespace)
+            raise _api_error(exc, f"watch job {namespace}/{name}") from None
         except BaseException:
-            # Failed, cancelled or timed out: no pod outlives the wait (the Service goes with the Job).
-            try:
-                await batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
-            except Exception as exc:  # noqa: BLE001 - the original error is the one to report
-                log.warning("could not delete kubernetes job %s/%s: %s", namespace, name, exc)
+            # Stuck, cancelled or timed out: no pod outlives the wait (the Service goes with the Job).
+            if not keep:
+                await _delete(batch, name, namespace)
             raise
+
+
+async def _delete(batch: Any, name: str, namespace: str) -> None:
+    try:
+        await batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+    except Exception as exc:  # noqa: BLE001 - the original error is the one to report
+        log.warning("could not delete kubernetes job %s/%s: %s", namespace, name, exc)
+
+
+def _api_error(exc: Any, what: str) -> LoraflowError:
+    """One line from an ApiException: refusals (RBAC, quota, a bad object) are permanent."""
+    try:
+        message = json.loads(exc.body).get("message") or exc.reason
+    except (TypeError, ValueError, AttributeError):
+        message = exc.reason
+    line = f"kubernetes API refused to {what}: {exc.status} {exc.reason}: {message}"
+    return ClusterError(line) if exc.status is None or exc.status >= 500 or exc.status == 429 else ConfigError(line)
 
