@@ -27,8 +27,16 @@ weight gradients, LoRA's own FLOPs are < 1% and left out):
 N = n_layer * 12 * d_model^2 + vocab * d_model (the matrix-multiply parameters: attention, MLP, LM
 head) and A = the mean number of keys a useful token attends to (its position in its document + 1),
 measured from each stack's own rows. MFU = useful tokens/s * FLOPs per token / the GPU's dense bf16
-peak (--peak-tflops; H100/H200 SXM: 989 TFLOP/s). On a CPU the rate is set against an fp32 matrix
-product measured in the same run, before and after the steps.
+peak (--peak-tflops; H100/H200 SXM: 989 TFLOP/s). On a CPU the rate is set against a matrix product
+in the precision loraflow trained in, measured in the same run before and after the steps; fp32 and
+bf16 are both measured, so a CPU with native bf16 shows its gain and one without shows the trap.
+
+--precision sets loraflow's training.precision (default auto: bf16 on a CPU with native bf16, else
+fp32). --compare-precision adds a loraflow stack in the other one (fp32 when loraflow's resolves to
+bf16, bf16 when it resolves to fp32: emulated, so only a tiny model finishes on such a CPU) and
+reports their eval losses after the same steps side by side.
+
+    .venv/bin/python bench/train_throughput.py --arch tiny --max-length 128 --steps 3 --compare-precision
 """
 
 from __future__ import annotations
@@ -73,13 +81,15 @@ def peak_memory_gb(device: str) -> float:
 
 def eval_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
     """Token-weighted loss over whole documents (EOS included), one document per forward:
-    the same measure for both stacks."""
+    the same measure for both stacks, in the precision the model's base is held in (autocast)."""
     import torch
+
+    from loraflow.modeling import autocast, precision_of
 
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision_of(model)):
         for text in texts:
             ids = tokenizer(text, truncation=True, max_length=max_length - 1)["input_ids"] + [tokenizer.eos_token_id]
             x = torch.tensor([ids], device=device)
@@ -90,12 +100,15 @@ def eval_loss(model, tokenizer, texts: list[str], max_length: int) -> float:
     return total / count
 
 
-def eval_adapter(model_dir: Path, adapter_dir: Path, device: str, max_length: int) -> float:
-    """Both stacks' adapters on the same fp32 base, the seed notebook's loading snippet."""
+def eval_adapter(model_dir: Path, adapter_dir: Path, device: str, max_length: int, dtype: str = "float32") -> float:
+    """Every stack's adapter on the same fp32 base, the seed notebook's loading snippet; `dtype`: the
+    base in another dtype (a bf16 run's own evaluation: bf16 base, fp32 adapter, autocast)."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir).to(device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = PeftModel.from_pretrained(base, adapter_dir).to(device)
     return eval_loss(model, AutoTokenizer.from_pretrained(model_dir), review_texts()[1], max_length)
 
 
@@ -183,11 +196,12 @@ def run_seed(model_dir: Path, max_length: int, steps: int, device: str, per_turn
         del trainer, model
         loss = eval_adapter(model_dir, Path(out) / "adapter", device, max_length)
     return {"useful_tokens_per_step": EFFECTIVE_ROWS * useful, "padding": 1 - useful / max_length,
-            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak}
+            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak,
+            "precision": "bf16" if gpu else "fp32"}
 
 
 def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: int, steps: int, micro_batch: int,
-                      logging_steps: int):
+                      logging_steps: int, precision: str = "auto"):
     from loraflow.settings import load_settings
 
     return load_settings(overrides=[
@@ -196,7 +210,7 @@ def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: in
         f"training.gradient_accumulation_steps={EFFECTIVE_ROWS // micro_batch}", f"training.max_steps={steps}",
         # The recipe as it is (warmup 100, checkpoints every 500 steps); short runs skip both.
         *([] if steps == RECIPE_STEPS else ["training.warmup_steps=0", "training.save_strategy=no"]),
-        f"training.logging_steps={logging_steps}", f"training.output_dir={out}",
+        f"training.logging_steps={logging_steps}", f"training.output_dir={out}", f"training.precision={precision}",
     ])
 
 
@@ -212,7 +226,8 @@ def write_reviews(data_dir: Path, train_texts: list[str] | None = None, eval_tex
     return data_dir
 
 
-def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int) -> dict:
+def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int,
+                 precision: str = "auto") -> dict:
     from transformers import AutoTokenizer
 
     from loraflow.data import prepare_dataset
@@ -222,7 +237,7 @@ def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_
         data_dir = write_reviews(Path(tmp) / "data")
         os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")  # a fresh prepared-data cache
         settings = loraflow_settings(model_dir, data_dir, Path(tmp) / "out", max_length,
-                                     steps, micro_batch, 25 if device == "cuda" else 1)
+                                     steps, micro_batch, 25 if device == "cuda" else 1, precision)
         prepared = prepare_dataset(settings, AutoTokenizer.from_pretrained(model_dir))
         rows = prepared.train
         useful = sum(len(r) for r in rows["input_ids"]) / len(rows)
@@ -232,8 +247,17 @@ def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_
         result = train_adapter(settings, prepared=prepared, callbacks=[turns.callback])
         peak = peak_memory_gb(device)
         loss = eval_adapter(model_dir, result.adapter_dir, device, max_length)
+        own = loss if result.precision == "fp32" else eval_adapter(
+            model_dir, result.adapter_dir, device, max_length, dtype=modeling_dtype(settings, device))
     return {"useful_tokens_per_step": EFFECTIVE_ROWS * useful, "padding": 1 - useful / max_length,
-            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak}
+            "flops_per_token": flops_per_token(model_dir, mean_keys), "eval_loss": loss, "peak_memory_gb": peak,
+            "precision": result.precision, "own_eval_loss": own}
+
+
+def modeling_dtype(settings, device: str) -> str:
+    from loraflow.modeling import resolve_precision
+
+    return resolve_precision(settings.training, settings.model, device=device).model_dtype
 
 
 def run_recipe(model_dir: Path, max_length: int, micro_batch: int) -> dict:
@@ -255,7 +279,7 @@ def worker(args) -> None:
         result = run_recipe(model_dir, args.max_length, args.micro_batch)
     elif args.worker == "loraflow":
         result = run_loraflow(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
-                              args.micro_batch)
+                              args.micro_batch, args.precision)
     else:
         result = run_seed(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
                           micro_batch=4 if args.worker == "seed" else 1)
@@ -265,12 +289,13 @@ def worker(args) -> None:
 class Live:
     """One stack's worker process, driven turn by turn over its stdin/stdout."""
 
-    def __init__(self, name: str, which: str, common: list[str], log_dir: Path, micro_batch: int):
+    def __init__(self, name: str, which: str, common: list[str], log_dir: Path, micro_batch: int,
+                 which_worker: str | None = None):
         self.name = name
         self.log_path = log_dir / f"{which}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", which, "--micro-batch", str(micro_batch), *common],
+            [sys.executable, __file__, "--worker", which_worker or which, "--micro-batch", str(micro_batch), *common],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         self.turns: list[float] = []
         self.result: dict = {}
@@ -301,24 +326,52 @@ class Live:
         return self.result
 
 
-def gemm_gflops(device: str) -> float:
-    """fp32 (CPU) or bf16 (GPU) matrix product at DialoGPT-medium's MLP shape, best of 5."""
+def gemm_gflops(device: str, precision: str = "bf16") -> float:
+    """A matrix product at DialoGPT-medium's MLP shape (512 rows on a CPU, 8192 on a GPU) in `precision`:
+    the best of 3 to 5 timed windows after a warm-up (about 2 s in all); a CPU emulating bf16 takes
+    seconds for one product, and that one product is the measure."""
     import torch
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(8192 if device == "cuda" else 512, 1024, dtype=dtype, device=device)
     b = torch.randn(1024, 4096, dtype=dtype, device=device)
-    best = math.inf
-    for _ in range(5):
+
+    def timed(reps: int) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        for _ in range(10):
+        for _ in range(reps):
             a @ b
         if device == "cuda":
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - t) / 10)
+        return (time.perf_counter() - t) / reps
+
+    first = timed(1)  # the warm-up; where one product takes over a second (emulated bf16), the measure
+    best, windows, t0 = first, 0, time.perf_counter()
+    reps = max(1, min(10, int(0.4 / first)))
+    while first < 1.0 and (windows < 3 or (time.perf_counter() - t0 < 2.0 and windows < 5)):
+        best = min(best, timed(reps))
+        windows += 1
     return 2 * a.shape[0] * 1024 * 4096 / best / 1e9
+
+
+def gemm_rates(device: str) -> dict[str, float]:
+    """GFLOP/s of the matrix product per precision: bf16 and fp32 on a CPU (native bf16 or not shows
+    here), bf16 on a GPU (what MFU is counted against)."""
+    return {p: gemm_gflops(device, p) for p in (("bf16",) if device == "cuda" else ("fp32", "bf16"))}
+
+
+def gemm_rates_names(device: str) -> tuple[str, ...]:
+    return ("bf16",) if device == "cuda" else ("fp32", "bf16")
+
+
+def loraflow_precision(args) -> str:
+    """What loraflow's training.precision resolves to on this machine (said in one line, as a run says it)."""
+    from loraflow.modeling import resolve_precision
+    from loraflow.settings import load_settings
+
+    settings = load_settings(overrides=[f"training.precision={args.precision}"])
+    return resolve_precision(settings.training, settings.model, device=args.device).name
 
 
 def spread(xs: list[float]) -> float:
@@ -329,11 +382,18 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
     common = ["--model-dir", str(model_dir), "--max-length", str(args.max_length), "--steps", str(args.steps),
               "--device", args.device, "--steps-per-turn", str(args.steps_per_turn)]
     mb = args.micro_batch or (16 if args.device == "cuda" else 1)
-    stacks = [Live("seed", "seed", common, log_dir, 4), Live("loraflow", "loraflow", common, log_dir, mb)]
+    stacks = [Live("seed", "seed", common, log_dir, 4),
+              Live("loraflow", "loraflow", [*common, "--precision", args.precision], log_dir, mb)]
     if args.seed_mb1:
         stacks.append(Live("seed 1x16", "seed-mb1", common, log_dir, 1))
+    other = None
+    if args.compare_precision:
+        other = "fp32" if loraflow_precision(args) != "fp32" else "bf16"
+        stacks.append(Live(f"lf {other}", f"loraflow-{other}", [*common, "--precision", other], log_dir, mb,
+                           which_worker="loraflow"))
     n_turns = math.ceil(args.steps / args.steps_per_turn)
-    gemm_before = gemm_gflops(args.device)
+    print(f"   measuring matrix-product rates ({', '.join(gemm_rates_names(args.device))})", flush=True)
+    gemm_before = gemm_rates(args.device)
     try:
         for t in range(n_turns):
             order = stacks if t % 2 == 0 else stacks[::-1]  # neither always goes first
@@ -341,7 +401,7 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
             for s in order:
                 line += f"  {s.name} {s.turn():.2f} s/step"
             print(line, flush=True)
-        gemm_after = gemm_gflops(args.device)
+        gemm_after = gemm_rates(args.device)
         for s in stacks:
             s.release()
         for s in stacks:
@@ -391,13 +451,31 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
                f"x{ours.result['peak_memory_gb'] / seed.result['peak_memory_gb']:.2f}; eval loss "
                f"{ours.result['eval_loss'] - seed.result['eval_loss']:+.3f}")
     if args.device == "cpu":
-        out.append(f"{'':<20}fp32 matrix product in this run: {gemm_before:.0f} GFLOP/s before the steps, "
-                   f"{gemm_after:.0f} after; loraflow's model FLOP rate is "
-                   f"{ours.tps * ours.result['flops_per_token'] / 1e9 / max(gemm_before, gemm_after):.0%} of the faster")
+        rates = ", ".join(f"{p} {gemm_before[p]:.1f} / {gemm_after[p]:.1f}" for p in gemm_before)
+        out.append(f"{'':<20}matrix products in this run (GFLOP/s before / after the steps): {rates}; "
+                   f"bf16 / fp32 x{max(gemm_before['bf16'], gemm_after['bf16']) / max(gemm_before['fp32'], gemm_after['fp32']):.2f}")
+        for s in stacks[1:]:
+            if "precision" not in s.result or s.name.startswith("seed"):
+                continue
+            used = s.result["precision"]
+            rate = s.tps * s.result["flops_per_token"] / 1e9
+            best = max(gemm_before[used], gemm_after[used])
+            out.append(f"{'':<20}{s.name} trained in {used}: model FLOP rate {rate:.1f} GFLOP/s = {rate / best:.0%} of "
+                       f"the faster {used} matrix product")
     else:
         out.append(f"{'':<20}MFU against {peak if peak else '?'} TFLOP/s dense bf16 "
                    f"({'--peak-tflops' if args.peak_tflops else 'by device name'}); bf16 matrix product measured "
-                   f"{gemm_before / 1e3:.0f} / {gemm_after / 1e3:.0f} TFLOP/s before / after")
+                   f"{gemm_before['bf16'] / 1e3:.0f} / {gemm_after['bf16'] / 1e3:.0f} TFLOP/s before / after")
+    if other is not None:
+        a, b = stacks[1], stacks[-1]
+        fp32_run, half_run = (a, b) if a.result["precision"] == "fp32" else (b, a)
+        diff = half_run.result["eval_loss"] - fp32_run.result["eval_loss"]
+        own = half_run.result.get("own_eval_loss", half_run.result["eval_loss"]) - fp32_run.result["eval_loss"]
+        out.append(f"{'':<20}{half_run.result['precision']} vs fp32 after the same {args.steps} steps: eval loss "
+                   f"{half_run.result['eval_loss']:.4f} vs {fp32_run.result['eval_loss']:.4f} ({diff:+.4f} nats, both "
+                   f"evaluated in fp32); {half_run.result['own_eval_loss']:.4f} evaluated in "
+                   f"{half_run.result['precision']} ({own:+.4f}); "
+                   f"{'within' if max(abs(diff), abs(own)) <= 0.02 else 'OUTSIDE'} 0.02 nats")
     if recipe:
         out.append(f"{'':<20}the 1000-step recipe through loraflow, cold process to adapter written: "
                    f"{recipe['wall_s']:.1f} s wall ({recipe['train_time_s']:.1f} s training), final loss "
@@ -424,6 +502,10 @@ def main() -> None:
                         help="a third stack in the rotation: the seed's at micro-batch 1 x 16 (separates packing's gain)")
     parser.add_argument("--disturbed", type=float, default=0.20, help="flag a run whose step-time spread exceeds this")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="loraflow's training.precision (auto: bf16 on a CPU with native bf16 or a GPU with bf16)")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="a loraflow stack in the other precision too (fp32 vs bf16), eval losses side by side")
     parser.add_argument("--no-recipe", dest="recipe", action="store_false",
                         help="cuda: skip timing the whole 1000-step recipe")
     parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow", "recipe"], help=argparse.SUPPRESS)
