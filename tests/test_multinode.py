@@ -222,3 +222,208 @@ def test_a_killed_node_is_resumed_from_rank_0s_stored_checkpoint(one_process, s3
     difference = _max_difference(_lora_tensors(Path(trained["adapter_dir"])), one_process[0])
     print(f"killed at stored step {stored.step}; resumed on fresh disks; max |resumed - one process| = {difference:.3g}")
     assert difference <= ATOL
+
+
+# --- the engine: a Kubernetes Indexed Job, rendered and checked without a cluster ----------------
+
+RUN_KEY = "0b7e6a6c-5d1e-4a39-9d7a-2f3c1e0a9b11"  # a flow run id
+# The oldest and newest Kubernetes whose schemas kubernetes-validate ships (strict: unknown fields fail).
+SCHEMA_VERSIONS = ("1.29", "1.37")
+
+
+def _cluster_settings(*more: str):
+    from loraflow.settings import load_settings
+
+    return load_settings(overrides=[
+        "storage.endpoint_url=https://s3.example.internal", "storage.bucket=my-adapters",
+        "cluster.nnodes=2", "cluster.image=registry.example/loraflow-gpu:1.0", "cluster.gpus_per_node=8",
+        "cluster.namespace=training", "cluster.service_account=loraflow-trainer", *more])
+
+
+def _strictly_valid(manifest: dict) -> None:
+    import kubernetes_validate
+
+    for version in SCHEMA_VERSIONS:
+        kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_the_job_renders_from_settings_and_validates_against_kubernetes(tmp_path):
+    from loraflow.errors import ConfigError
+    from loraflow.kubernetes_job import check, render
+    from loraflow.launch import SPEC_ENV, node_command
+    from loraflow.settings import Settings
+
+    service, job = render(_cluster_settings(), RUN_KEY)
+    for manifest in (service, job):
+        _strictly_valid(manifest)  # Kubernetes' own schema (its OpenAPI spec)
+    check([service, job])  # and the client's models keep every field
+    name = job["metadata"]["name"]
+    assert len(name) + len("-0") <= 63 and service["metadata"]["name"] == name
+
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["suspend"]) == ("Indexed", 2, 2, True)
+    pod = spec["template"]["spec"]
+    # Node 0's stable name, <job>-0.<service>, comes from the pods' subdomain and the headless
+    # Service selecting them, which publishes it before the pod is Ready.
+    assert pod["subdomain"] == name and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "loraflow.launch", "node", "--output", "/scratch/run",
+                                    "--run-key", RUN_KEY, "--node-rank", "$(NODE_RANK)"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert container["envFrom"] == [{"secretRef": {"name": "loraflow-storage"}}]
+    assert pod["serviceAccountName"] == "loraflow-trainer"
+    # The nodes' spec: the run's, with the rendezvous decided once (node 0 of this Job, the run key).
+    node = Settings.model_validate_json(env[SPEC_ENV]["value"])
+    assert node.cluster.rdzv_endpoint == f"{name}-0.{name}:29400" and node.cluster.rdzv_id == RUN_KEY
+    assert node.storage.bucket == "my-adapters" and node.training == _cluster_settings().training
+    # No credential anywhere in what is created (the Secret supplies them in the pod).
+    text = json.dumps([service, job])
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text and "AWS_SECRET_ACCESS_KEY" not in text
+
+    # What each pod then starts: torchrun's c10d rendezvous, node 0 serving it.
+    commands = [node_command(node, RUN_KEY, tmp_path, tmp_path / "s.json", node_rank=r, nproc=8) for r in (0, 1)]
+    for rank, cmd in enumerate(commands):
+        joined = " ".join(cmd)
+        assert f"--nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint {name}-0.{name}:29400 " \
+               f"--rdzv-id {RUN_KEY}" in joined
+        assert f"is_host={1 if rank == 0 else 0}," in joined and "--max-restarts 0" in joined
+
+    # Bad input: one line naming the field or object.
+    with pytest.raises(ConfigError, match=r"^cluster.image: unset"):
+        render(_cluster_settings("cluster.image=null"), RUN_KEY)
+    with pytest.raises(ConfigError, match=r"--node-rank 2: must be between 0 and cluster.nnodes-1 \(1\)"):
+        node_command(node, RUN_KEY, tmp_path, tmp_path / "s.json", node_rank=2, nproc=1)
+    misplaced = json.loads(json.dumps(job))
+    misplaced["spec"]["template"]["spec"]["completions"] = 2  # a Job field inside the pod spec
+    with pytest.raises(ConfigError, match=rf"^Job {name}: spec.template.spec.completions: not kept by Kubernetes' V1Job"):
+        check([misplaced])
+
+
+def test_the_gpu_pool_job_template_renders_a_strictly_valid_job():
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.utilities.templating import apply_values
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    from loraflow.kubernetes_job import check
+
+    template = json.loads((ROOT / "deployments" / "kubernetes" / "gpu-base-job-template.json").read_text())
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    # cpu_limit's default is null, which leaves `cpu: null` in the limits (not a quantity): a
+    # deployment that sets it is what is checked here.
+    values.update(image="registry.example/loraflow-gpu:1.0", gpu_count=1, namespace="training", cpu_limit="16")
+    config = KubernetesWorkerJobConfiguration.model_validate(apply_values(template["job_configuration"], values))
+    config.prepare_for_flow_run(FlowRun(flow_id="00000000-0000-0000-0000-000000000001", name="t"))
+    job = json.loads(json.dumps(config.job_manifest))
+    job["metadata"]["name"] = "loraflow-flow-run"  # the worker fills generateName in; the schema needs a name
+    # prefect-kubernetes' own default template puts `completions` and `parallelism` inside the pod
+    # spec, and its job configuration requires them there; Kubernetes drops them (they are Job
+    # fields). Everything else must be where Kubernetes reads it.
+    pod = job["spec"]["template"]["spec"]
+    assert (pod.pop("completions"), pod.pop("parallelism")) == (1, 1)
+    _strictly_valid(job)
+    check([job])
+
+
+def _model(kind: str, document: dict):
+    import asyncio
+
+    from kubernetes_asyncio.client import ApiClient
+
+    async def read():
+        async with ApiClient() as api:
+            return api._ApiClient__deserialize(document, kind)
+
+    return asyncio.run(read())
+
+
+def _pod(index: int, phase: str, *, created: str = "2026-12-02T10:00:00Z", container: dict | None = None,
+         conditions: list | None = None) -> dict:
+    return {"metadata": {"name": f"loraflow-x-abc123-{index}-q7w2z", "creationTimestamp": created,
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "status": {"phase": phase, "containerStatuses": [container] if container else [],
+                       "conditions": conditions or []}}
+
+
+def _job(conditions: list | None = None) -> dict:
+    return {"metadata": {"name": "loraflow-x-abc123", "namespace": "training"},
+            "spec": {"parallelism": 2, "template": {"spec": {"containers": []}}},
+            "status": {"conditions": conditions or []}}
+
+
+def test_a_jobs_status_reads_as_done_running_or_one_failure_line():
+    """The wait's decisions, on status documents of the shape the API returns, read through the
+    client's models. The API calls themselves need a cluster: not tested here."""
+    from datetime import datetime, timezone
+
+    from loraflow.kubernetes_job import job_progress
+
+    now = datetime(2026, 12, 2, 10, 5, tzinfo=timezone.utc)
+
+    def progress(job: dict, pods: list[dict], timeout: float = 1800):
+        return job_progress(_model("V1Job", job), [_model("V1Pod", p) for p in pods], pending_timeout_s=timeout,
+                            now=now)
+
+    running = {"name": "node", "ready": True, "restartCount": 0, "image": "i", "imageID": "", "state": {"running": {}}}
+    p = progress(_job(), [_pod(0, "Running", container=running), _pod(1, "Running", container=running)])
+    assert (p.done, p.failure, p.line) == (False, None, "job training/loraflow-x-abc123: 2/2 nodes running, 0 pending, 0 done")
+    assert progress(_job([{"type": "Complete", "status": "True"}]), []).done
+
+    failed = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+               "message": "Job has reached the specified backoff limit"}]
+    own = {**running, "state": {"terminated": {
+        "exitCode": 1, "reason": "Error", "finishedAt": "2026-12-02T10:04:00Z",
+        "message": "TrainingError: training failed on rank 3 (torchrun exit 1): ConfigError: training.per_device_"
+                   "train_batch_size=1000000 x data.max_length=64 needs about 9 TB"}}}
+    p = progress(_job(failed), [_pod(1, "Failed", container=own)])
+    assert p.failure == ("kubernetes job training/loraflow-x-abc123 failed (BackoffLimitExceeded: Job has reached the "
+                         "specified backoff limit): pod loraflow-x-abc123-1-q7w2z (node 1) exited 1 (Error): "
+                         "TrainingError: training failed on rank 3 (torchrun exit 1): ConfigError: training.per_device_"
+                         "train_batch_size=1000000 x data.max_length=64 needs about 9 TB")
+    assert not p.lost and p.finished  # the nodes' own error: not retried, the Job kept for its logs
+    oom = {**running, "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
+                                               "finishedAt": "2026-12-02T10:04:00Z"}}}
+    p = progress(_job(failed), [_pod(0, "Failed", container=oom)])
+    assert p.lost and p.failure.endswith("pod loraflow-x-abc123-0-q7w2z (node 0) exited 137 (OOMKilled)")
+
+    pulling = {**running, "ready": False, "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": 'Back-off pulling image "registry.example/loraflow-gpu:1.0"'}}}
+    p = progress(_job(), [_pod(0, "Pending", container=pulling)])
+    assert p.failure == ('kubernetes job training/loraflow-x-abc123: pod loraflow-x-abc123-0-q7w2z (node 0) cannot start: '
+                         'ImagePullBackOff: Back-off pulling image "registry.example/loraflow-gpu:1.0"')
+    unscheduled = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]
+    assert progress(_job(), [_pod(1, "Pending", conditions=unscheduled)]).failure is None  # 5 min < 30 min
+    p = progress(_job(), [_pod(1, "Pending", conditions=unscheduled)], timeout=60)
+    assert p.failure.endswith("(node 1) not running after 60 s (cluster.pending_timeout_s): 0/3 nodes are available: "
+                              "3 Insufficient nvidia.com/gpu.")
+
+
+def test_creating_the_job_without_a_reachable_cluster_fails_in_one_line(tmp_path, monkeypatch):
+    """As far as the create-and-wait goes without a cluster: rendered, checked, config loaded, one
+    real request to an API address where nothing listens; no Job exists, so nothing is left."""
+    import asyncio
+
+    from loraflow.errors import ConfigError
+    from loraflow.kubernetes_job import ClusterError, run_job
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not a pod
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    with pytest.raises(ConfigError, match=r"^no Kubernetes cluster to create the training job in: this is not a pod"):
+        asyncio.run(run_job(_cluster_settings(), RUN_KEY))
+
+    port = _free_port()  # closed: nothing listens there
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "not-a-secret"}}]}))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    with pytest.raises(ClusterError, match=rf"^kubernetes API http://127.0.0.1:{port} unreachable while creating job "
+                                           r"training/loraflow-0b7e6a6c-5d1e-4a39-9d7a-[0-9a-f]{6}: "):
+        asyncio.run(run_job(_cluster_settings(), RUN_KEY))

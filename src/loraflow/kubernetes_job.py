@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import secrets
 import time
@@ -144,33 +145,34 @@ def check(manifests: list[dict[str, Any]]) -> None:
     """Each manifest read into the Kubernetes client's model of its kind and written back must be
     itself: a misspelt or misplaced field is dropped by the models, a wrong type fails them.
     ConfigError naming the object and the field."""
+    asyncio.run(_round_trip(manifests))
+
+
+async def _round_trip(manifests: list[dict[str, Any]]) -> None:
     try:
         from kubernetes_asyncio.client import ApiClient
     except ImportError:
         raise ConfigError(f"cluster.nnodes > 1 trains through Kubernetes: {_INSTALL}") from None
-
-    async def round_trip() -> None:
-        async with ApiClient() as api:
-            for manifest in manifests:
-                kind = f"V1{manifest['kind']}"
-                where = f"{manifest['kind']} {manifest['metadata'].get('name')}"
-                try:
-                    model = api._ApiClient__deserialize(manifest, kind)  # the client's own reader
-                except (ValueError, TypeError) as exc:
-                    raise ConfigError(f"{where}: {exc}") from None
-                back = api.sanitize_for_serialization(model)
-                differs = _first_difference(manifest, back)
-                if differs:
-                    raise ConfigError(f"{where}: {differs}: not kept by Kubernetes' {kind} model (a misspelt or "
-                                      "misplaced field)")
-
-    asyncio.run(round_trip())
+    async with ApiClient() as api:  # the client's models need its ApiClient, which needs a loop
+        for manifest in manifests:
+            kind = f"V1{manifest['kind']}"
+            where = f"{manifest['kind']} {manifest['metadata'].get('name')}"
+            try:
+                model = api._ApiClient__deserialize(manifest, kind)  # the client's own reader
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            differs = _first_difference(manifest, api.sanitize_for_serialization(model))
+            if differs:
+                raise ConfigError(f"{where}: {differs}: not kept by Kubernetes' {kind} model (a misspelt or "
+                                  "misplaced field)")
 
 
 def _first_difference(want: Any, got: Any, path: str = "") -> str | None:
     if isinstance(want, dict) and isinstance(got, dict):
         for key, value in want.items():
             if key not in got:
+                if value is None:
+                    continue  # null is absent to the API as to the client
                 return f"{path}.{key}".lstrip(".")
             found = _first_difference(value, got[key], f"{path}.{key}")
             if found:
@@ -182,6 +184,8 @@ def _first_difference(want: Any, got: Any, path: str = "") -> str | None:
             if found:
                 return found
         return None
+    if isinstance(want, (int, float)) and not isinstance(want, bool) and got == str(want):
+        return None  # a quantity given as a number (`nvidia.com/gpu: 1`): the client keeps its string form
     return None if want == got else (path.lstrip(".") or "<root>")
 
 
@@ -274,13 +278,14 @@ async def run_job(settings: Settings, run_key: str, *, poll_s: float = 10.0, rep
     from loraflow.checkpoints import latest_checkpoint
 
     service, job = render(settings, run_key)
-    check([service, job])
+    await _round_trip([service, job])
     name, namespace = job["metadata"]["name"], job["metadata"]["namespace"]
     try:
         config.load_incluster_config()
     except config.ConfigException:
         try:
-            await config.load_kube_config()
+            # KUBECONFIG as it is now (the client reads it once, at its import).
+            await config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
         except (config.ConfigException, OSError) as exc:
             raise ConfigError("no Kubernetes cluster to create the training job in: this is not a pod with a "
                               f"service account, and the kubeconfig (KUBECONFIG or ~/.kube/config) fails: {exc}") from None
