@@ -4,8 +4,15 @@ architecture (vLLM on GPT-2 / DialoGPT) or should not pay for it at inference.
 
 The directory is an ordinary transformers model: `model.safetensors` (fp32, the precision the merge
 ran in), `config.json`, the base model's tokenizer, a model card naming the version it came from,
-and `loraflow-export.json` (name, version, base model, adapter manifest sha256) for machines. It is
-written beside DIR and renamed into place, so DIR is either the previous export or the new one.
+and `loraflow-export.json` (name, version, base model, adapter manifest sha256, parity) for
+machines. It is written beside DIR and renamed into place, so DIR is either the previous export or
+the new one.
+
+Before it is placed, the model *as written* (read back from the new files) must generate, greedily,
+the same tokens as base + adapter under plain PEFT on the fixed prompts (loraflow.parity); the
+verdict and the largest logit difference seen go into `loraflow-export.json`. A merge that changed
+what the model says (a wrong scaling, a damaged save) fails the export in one line and leaves DIR
+as it was.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import json
 import shutil
 from pathlib import Path
 
+from loraflow import parity
 from loraflow.errors import ConfigError
 from loraflow.log import get_logger
 
@@ -85,6 +93,7 @@ def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> P
     import torch
 
     from loraflow.adapters import load_adapter
+    from loraflow.modeling import pad_token_id
     from loraflow.registry.layout import parse_ref
     from loraflow.registry.manifest import base_identity
     from loraflow.registry.pull import pull_adapter
@@ -104,24 +113,47 @@ def export_merged(ref: str, dest: str | Path, *, settings=None, cache=None) -> P
     version = manifest["version"]
     # Pinned from here on: an alias that moves mid-export cannot mix two versions.
     model = load_adapter(f"{name}=={version}", settings=settings, dest=cache, dtype=torch.float32)
-    merged = model.merge_and_unload()
     tokenizer = base_tokenizer(manifest, settings)
     base_id = base_identity(manifest).get("id")
+    # Plain PEFT's answer first: merge_and_unload rewrites this very model's weights.
+    prompt_ids, pad = parity.encode(lambda text: tokenizer(text)["input_ids"]), pad_token_id(tokenizer)
+    log.info("parity: base + adapter (plain PEFT) on %d fixed prompts, %d greedy tokens each",
+             len(prompt_ids), parity.NEW_TOKENS)
+    ends = parity.end_ids(model, tokenizer)
+    reference = parity.observe(model, prompt_ids, parity.greedy(model, pad, ends))
+    merged = model.merge_and_unload()
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.save_pretrained(tmp, safe_serialization=True)
+        del model, merged
+        verdict = _check_written(tmp, reference, tokenizer, pad, ends)
+        if not verdict.ok:
+            raise parity.ParityError(f"export of {name}=={version} refused: {verdict.reason}")
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_card(name, version, manifest, base_id))
         (tmp / PROVENANCE).write_text(json.dumps({
             "name": name, "version": version, "base_model": base_identity(manifest),
             "adapter_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "merged": True,
+            "parity": verdict.to_dict(),
         }, indent=2) + "\n")
         _usual_modes(tmp)
         place_atomically(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log.info("exported %s==%s merged into %s at %s", name, version, base_id, dest)
+    log.info("exported %s==%s merged into %s at %s (parity: %d/%d greedy tokens equal, max logit difference %.3g)",
+             name, version, base_id, dest, verdict.tokens_compared, verdict.prompts * verdict.new_tokens,
+             verdict.max_abs_logit_diff)
     return dest
+
+
+def _check_written(directory: Path, reference, tokenizer, pad: int, ends: set[int]):
+    """The merged model read back from the files just written, against plain PEFT's continuations."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(directory, use_safetensors=True, dtype=torch.float32).eval()
+    observed = parity.observe(written, reference.prompt_ids, parity.greedy(written, pad, ends), reference=reference)
+    return parity.compare(reference, observed, tokenizer, subject="the merged model")

@@ -1,9 +1,17 @@
 """What a new version must pass before it gets traffic: finite logits, a fixed prompt generates,
-and its perplexity on a few held-back documents is not worse than the figure its manifest
-recorded at evaluation (`metrics.adapter_ppl`) by more than a tolerance.
+greedy continuations of the fixed prompts from the serving path equal plain PEFT's on the same
+files (loraflow.parity), and its perplexity on a few held-back documents is not worse than the
+figure its manifest recorded at evaluation (`metrics.adapter_ppl`) by more than a tolerance.
 
-The canary runs in one hold of the model lock, ahead of waiting requests (see serving.model): a
-request queued during a swap waits for it once (a short generation and a few forward passes).
+Parity is checked on the version as the serving path runs it: in the service's model, beside the
+adapters loaded there, through the same greedy `generate` call a request makes. The reference is
+built fresh from the files (the base model read again from the source the service loaded, the
+adapter from its verified directory), outside the model lock, so requests keep being served while
+it loads and generates; it is dropped right after.
+
+The serving side runs in one hold of the model lock, ahead of waiting requests (see
+serving.model): a request queued during a swap waits for it once (a few short generations and a
+few forward passes).
 
 The built-in documents are short movie-review sentences (the seed's domain). Pass the held-back
 part of your own eval set (`--canary-docs FILE`) for a tighter check; the recorded figure was
@@ -17,7 +25,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from loraflow import parity as par
 from loraflow.errors import ConfigError
+from loraflow.serving.scheduler import serving_greedy
 
 PROMPT = "The movie was"
 GENERATE_TOKENS = 8
@@ -40,6 +50,7 @@ class CanaryResult:
     limit_ppl: float | None
     sample: str | None
     seconds: float
+    parity: dict | None = None  # loraflow.parity.ParityResult, as a dict
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,7 +85,7 @@ def read_documents(path: str | Path | None) -> list[str]:
 
 
 def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_TOLERANCE,
-               max_tokens_per_doc: int = 256) -> CanaryResult:
+               max_tokens_per_doc: int = 256, *, parity: bool = True) -> CanaryResult:
     import torch
 
     started = time.monotonic()
@@ -83,13 +94,17 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
     limit = recorded * (1 + tolerance) if recorded is not None else None
     tok = holder.tokenizer
 
+    checked: dict = {}
+
     def result(ok: bool, reason: str | None, ppl=None, sample=None) -> CanaryResult:
         return CanaryResult(entry.version, ok, reason, ppl, recorded, limit, sample,
-                            round(time.monotonic() - started, 3))
+                            round(time.monotonic() - started, 3), checked.get("parity"))
 
-    # The tokenizer is used only under the model lock (see serving.service).
+    reference = _reference(holder, entry) if parity else None
+
+    # Through the holder: requests encode concurrently, and a shared fast tokenizer is not thread-safe.
     def encode(model, text: str):
-        return tok(text, return_tensors="pt")["input_ids"][:, :max_tokens_per_doc].to(model.device)
+        return torch.tensor([holder.encode(text)[:max_tokens_per_doc]], dtype=torch.long, device=model.device)
 
     def finite_logits(model) -> bool:
         return bool(torch.isfinite(model(input_ids=encode(model, PROMPT)).logits).all())
@@ -116,6 +131,15 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
         generated, sample = generate(model)
         if generated == 0:
             return f"generated nothing for the canary prompt {PROMPT!r}", sample, 0.0, 0
+        if reference is not None:
+            # The serving path itself: the generation loop's prefill and decode steps, with this
+            # version named per row beside the other adapters, as a request runs.
+            served = par.observe(model, reference.prompt_ids, serving_greedy(holder, entry, par.NEW_TOKENS),
+                                 reference=reference)
+            verdict = par.compare(reference, served, tok, subject=f"the serving path of version {entry.version}")
+            checked["parity"] = verdict.to_dict()
+            if not verdict.ok:
+                return verdict.reason, sample, 0.0, 0
         nll, count = 0.0, 0
         for doc in documents:
             doc_sum, doc_count = doc_nll(model, doc)
@@ -136,3 +160,23 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
         return result(False, f"perplexity {ppl:.4g} on the canary documents exceeds {limit:.4g} "
                              f"(recorded {recorded:.4g} x (1 + {tolerance:g}))", ppl=ppl, sample=sample)
     return result(True, None, ppl=ppl, sample=sample)
+
+
+def _reference(holder, entry) -> par.Observation:
+    """Plain PEFT's greedy continuations of the fixed prompts, on a fresh copy of the version's
+    base model and adapter files, computed outside the model lock."""
+    import torch
+
+    from loraflow.modeling import pad_token_id
+
+    prompt_ids = par.encode(holder.encode)
+    pad = pad_token_id(holder.tokenizer)
+    base = holder.model.get_base_model()
+    param = next(base.parameters())
+    model = par.reference_model(base.name_or_path, entry.path, dtype=param.dtype, device=param.device)
+    try:
+        return par.observe(model, prompt_ids, par.greedy(model, pad, set(holder.eos_ids)))
+    finally:
+        del model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
