@@ -247,10 +247,11 @@ def _strictly_valid(manifest: dict) -> None:
         kubernetes_validate.validate(manifest, version, strict=True)
 
 
-def test_the_job_renders_from_settings_and_validates_against_kubernetes(tmp_path):
+def test_the_job_renders_from_settings_and_validates_against_kubernetes(tmp_path, capsys):
     from loraflow.errors import ConfigError
     from loraflow.kubernetes_job import check, render
     from loraflow.launch import SPEC_ENV, node_command
+    from loraflow.launch import main as launch_main
     from loraflow.settings import Settings
 
     service, job = render(_cluster_settings(), RUN_KEY)
@@ -298,6 +299,14 @@ def test_the_job_renders_from_settings_and_validates_against_kubernetes(tmp_path
         render(_cluster_settings("cluster.image=null"), RUN_KEY)
     with pytest.raises(ConfigError, match=r"--node-rank 2: must be between 0 and cluster.nnodes-1 \(1\)"):
         node_command(node, RUN_KEY, tmp_path, tmp_path / "s.json", node_rank=2, nproc=1)
+    # A node started by hand with a spec that names no shared storage: exit 2, one line.
+    local = tmp_path / "local.json"
+    local.write_text(_cluster_settings("storage.endpoint_url=local").model_dump_json())
+    capsys.readouterr()
+    assert launch_main(["node", "--settings", str(local), "--output", str(tmp_path / "n"), "--run-key", RUN_KEY,
+                        "--node-rank", "0"]) == 2
+    assert "ConfigError: storage.endpoint_url: local; the nodes of a run share checkpoints through object storage" \
+        in capsys.readouterr().err
     misplaced = json.loads(json.dumps(job))
     misplaced["spec"]["template"]["spec"]["completions"] = 2  # a Job field inside the pod spec
     with pytest.raises(ConfigError, match=rf"^Job {name}: spec.template.spec.completions: not kept by Kubernetes' V1Job"):
@@ -327,6 +336,21 @@ def test_the_gpu_pool_job_template_renders_a_strictly_valid_job():
     assert (pod.pop("completions"), pod.pop("parallelism")) == (1, 1)
     _strictly_valid(job)
     check([job])
+
+
+def test_the_flow_runs_account_may_make_every_request_of_the_wait():
+    import yaml
+
+    documents = list(yaml.safe_load_all((ROOT / "deployments" / "kubernetes" / "multinode-rbac.yaml").read_text()))
+    for document in documents:
+        _strictly_valid(document)
+    role = next(d for d in documents if d["kind"] == "Role")
+    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+               for resource in rule["resources"] for verb in rule["verbs"]}
+    # run_job: create, resume (patch), read and, when stuck or cancelled, delete the Job; create the
+    # Service; list the Job's pods.
+    assert granted == {("batch", "jobs", "create"), ("batch", "jobs", "patch"), ("batch", "jobs", "get"),
+                       ("batch", "jobs", "delete"), ("", "services", "create"), ("", "pods", "list")}
 
 
 def _model(kind: str, document: dict):

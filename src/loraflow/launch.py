@@ -169,6 +169,9 @@ def run_node(settings: Settings, run_key: str, out: Path, *, node_rank: int,
     that held global rank 0 (after uploading the adapter), None on the others."""
     from loraflow import checkpoints
 
+    if settings.storage.endpoint_url in (None, "local"):
+        raise ConfigError(f"storage.endpoint_url: {settings.storage.endpoint_url or 'unset'}; the nodes of a run share "
+                          "checkpoints through object storage: give an S3 endpoint URL, or `aws` for AWS S3")
     step = sync_node_from_storage(settings, run_key, out)
     settings_path = _prepare_out(out, settings)
     nproc = resolve_nproc(settings.training.nproc_per_node)
