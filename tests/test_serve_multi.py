@@ -249,7 +249,7 @@ def test_openai_client_streams_the_same_text_and_counts_usage(served, registry):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 12
     assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens > 0
     assert {c.model for c in chunks} == {f"beta=={v['beta']}"}
-    with client.completions.with_raw_response.create(model="beta", prompt="x", max_tokens=2, stream=True) as raw:
+    with client.completions.with_streaming_response.create(model="beta", prompt="x", max_tokens=2, stream=True) as raw:
         assert raw.headers["x-loraflow-adapter-version"] == v["beta"]
     # Stop strings end the stream without showing the stop string.
     cut = whole.choices[0].text[3:6]
