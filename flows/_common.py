@@ -23,6 +23,21 @@ def seed_settings() -> Settings:
     return Settings()
 
 
+def run_logger() -> Any:
+    """Prefect's run logger for the code running now. In a flow body this is get_run_logger(), except
+    for a flow called inside a task (a fleet's branch runs `retrain` so): Prefect 3.9's
+    get_run_logger then returns the enclosing task run's logger, and the subflow's lines would land
+    in its parent's logs. get_run_context() tells the two apart (PrefectHQ/prefect#19450)."""
+    from prefect import get_run_logger
+    from prefect.context import FlowRunContext, TaskRunContext, get_run_context
+    from prefect.logging.loggers import flow_run_logger
+
+    context = get_run_context()
+    if isinstance(context, FlowRunContext) and TaskRunContext.get() is not None and context.flow_run is not None:
+        return flow_run_logger(flow_run=context.flow_run, flow=context.flow)
+    return get_run_logger()
+
+
 def current_run_key() -> str:
     """The flow run id (stable across retries of the run), or a fresh id outside Prefect."""
     from prefect.runtime import flow_run

@@ -93,7 +93,9 @@ def retrain_branch(settings: Settings, fleet_limit: str, fleet_name: str) -> dic
 @flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=16))
 def retrain_fleet(fleet: str = DEFAULT_FLEET, adapters: list[str] | None = None, force: bool = False) -> Any:
     """Retrain the adapters of a fleet file whose data, base model or settings changed since their
-    champion. `adapters`: a subset by name (empty: all); `force`: retrain them even if unchanged."""
+    champion. `fleet`: the file, a path on the worker (relative to the directory the deployment was
+    applied from) or absolute; `adapters`: a subset by name (empty: all); `force`: retrain them even
+    when nothing changed."""
     with library_logs_in_prefect():
         return _retrain_fleet(fleet, adapters or [], force)
 

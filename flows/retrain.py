@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from loraflow.flows._common import current_run_key, library_logs_in_prefect, seed_settings
+from loraflow.flows._common import current_run_key, library_logs_in_prefect, run_logger, seed_settings
 from loraflow.flows.concurrency import adapter_slot
 from loraflow.flows.train_adapter import train_adapter_flow
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.states import Completed
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -53,7 +53,7 @@ def train_remote(settings: Settings, run_key: str) -> dict[str, Any]:
     from loraflow.flows._common import submit_and_watch
 
     deployment = settings.prefect.train_deployment
-    logger = get_run_logger()
+    logger = run_logger()
     # The whole spec, storage location included (settings hold no secrets): the training worker
     # follows it and takes only credentials from its own machine.
     parameters = {"settings": settings.model_dump(mode="json"), "run_key": run_key}
@@ -75,7 +75,7 @@ def skipped(settings: Settings, check: dict[str, Any], elapsed: float) -> Any:
     """A Completed state named Skipped: nothing changed since the champion was trained."""
     name = settings.registry.adapter_name
     message = f"skipped: nothing changed since {name}=={check['champion']}"
-    get_run_logger().info("%s (data, base model and training settings as recorded in its manifest; "
+    run_logger().info("%s (data, base model and training settings as recorded in its manifest; "
                           "--force or registry.force retrains anyway)", message)
     create_markdown_artifact(key=artifact_key(name, "version"), markdown=f"# {name}: {message}\n",
                              description=message)
@@ -175,7 +175,7 @@ def retrain(settings: Settings = seed_settings()) -> dict[str, Any]:
 
 
 def _retrain(settings: Settings) -> Any:
-    logger = get_run_logger()
+    logger = run_logger()
     started = time.perf_counter()
     run_key = current_run_key()
     timings: dict[str, float] = {}

@@ -269,6 +269,16 @@ def test_a_fleet_of_12_retrains_the_2_with_new_data_and_a_broken_source_fails_al
     branches = {r.name: r for r in asyncio.run(retrain_runs())}
     assert set(branches) == {"tiny12-tiny-03", "tiny12-tiny-07", "tiny12-tiny-broken"}
     assert all(r.parent_task_run_id is not None for r in branches.values())
+
+    async def logs_of(flow_run_id):
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            return await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+    # A branch's retrain run keeps its own logs (its lines, not the fleet run's), as a lone retrain does.
+    own = [log.message for log in asyncio.run(logs_of(branches["tiny12-tiny-03"].id))]
+    assert any(m.startswith("retraining: data ") for m in own) and any("published tiny-03" in m for m in own), own[-20:]
     ours = [r for r in train_runs if r.parameters.get("run_key") in {str(b.id) for b in branches.values()}]
     assert sorted(r.state.type.value for r in ours) == ["COMPLETED", "COMPLETED", "FAILED"]
     assert all(r.work_pool_name == "gpu" for r in ours)
