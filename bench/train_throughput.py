@@ -451,15 +451,18 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
                f"x{ours.result['peak_memory_gb'] / seed.result['peak_memory_gb']:.2f}; eval loss "
                f"{ours.result['eval_loss'] - seed.result['eval_loss']:+.3f}")
     if args.device == "cpu":
+        def best_rate(p: str) -> float:
+            return max(gemm_before[p], gemm_after[p])
+
         rates = ", ".join(f"{p} {gemm_before[p]:.1f} / {gemm_after[p]:.1f}" for p in gemm_before)
         out.append(f"{'':<20}matrix products in this run (GFLOP/s before / after the steps): {rates}; "
-                   f"bf16 / fp32 x{max(gemm_before['bf16'], gemm_after['bf16']) / max(gemm_before['fp32'], gemm_after['fp32']):.2f}")
+                   f"bf16 / fp32 x{best_rate('bf16') / best_rate('fp32'):.3g}")
         for s in stacks[1:]:
             if "precision" not in s.result or s.name.startswith("seed"):
                 continue
             used = s.result["precision"]
             rate = s.tps * s.result["flops_per_token"] / 1e9
-            best = max(gemm_before[used], gemm_after[used])
+            best = best_rate(used)
             out.append(f"{'':<20}{s.name} trained in {used}: model FLOP rate {rate:.1f} GFLOP/s = {rate / best:.0%} of "
                        f"the faster {used} matrix product")
     else:
