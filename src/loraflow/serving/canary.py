@@ -101,6 +101,7 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
                             round(time.monotonic() - started, 3), checked.get("parity"))
 
     reference = _reference(holder, entry) if parity else None
+    reference_s = time.monotonic() - started  # loading and generating, outside the model lock
 
     # Through the holder: requests encode concurrently, and a shared fast tokenizer is not thread-safe.
     def encode(model, text: str):
@@ -137,7 +138,8 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
             served = par.observe(model, reference.prompt_ids, serving_greedy(holder, entry, par.NEW_TOKENS),
                                  reference=reference)
             verdict = par.compare(reference, served, tok, subject=f"the serving path of version {entry.version}")
-            checked["parity"] = verdict.to_dict()
+            checked["parity"] = {**verdict.to_dict(), "reference_seconds": round(reference_s, 3),
+                                 "serving_seconds": round(served.seconds, 3)}
             if not verdict.ok:
                 return verdict.reason, sample, 0.0, 0
         nll, count = 0.0, 0
