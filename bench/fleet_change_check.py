@@ -145,9 +145,10 @@ def main() -> int:
         flow_check: list[float] = []
         flow_wall: list[float] = []
         with prefect_api():
-            started = time.perf_counter()
-            _flow_round(fleet_file, args.adapters)  # warm-up: the API's first runs are slower
-            print(f"warm-up: one fleet flow run ({time.perf_counter() - started:.1f} s)", flush=True)
+            # The first run in a fresh process, as a worker's flow run is (the API's first runs are slower too).
+            first_check, first_wall = _flow_round(fleet_file, args.adapters)
+            print(f"first fleet flow run in this process: change check {first_check:.2f} s, whole run "
+                  f"{first_wall:.2f} s", flush=True)
             for i in range(1, args.rounds + 1):
                 library.append(_library_round(fleet))
                 check, wall = _flow_round(fleet_file, args.adapters)
@@ -155,6 +156,7 @@ def main() -> int:
                 flow_wall.append(wall)
                 print(f"round {i}/{args.rounds}: library {library[-1]:.2f} s; fleet flow: change check "
                       f"{check:.2f} s, whole run {wall:.2f} s", flush=True)
+            time.sleep(3)  # the API records the last task runs' events before it stops (else it logs its cancelled flush)
 
     def fmt(values: list[float]) -> str:
         return f"best {min(values):6.2f} s  median {statistics.median(values):6.2f} s"
@@ -164,8 +166,9 @@ def main() -> int:
     print(f"  library, one after the other        {fmt(library)}")
     print(f"  retrain-fleet flow: change check    {fmt(flow_check)}   (mapped tasks)")
     print(f"  retrain-fleet flow: whole run       {fmt(flow_wall)}   (incl. summary artifact)")
-    target = statistics.median(flow_wall) <= 10.0
-    print(f"  target <= 10 s for the whole fleet run: {'met' if target else 'NOT met'}")
+    print(f"  retrain-fleet flow: first run       change check {first_check:.2f} s, whole run {first_wall:.2f} s")
+    worst = max(first_wall, *flow_wall)
+    print(f"  target <= 10 s for the whole fleet run: {'met' if worst <= 10.0 else 'NOT met'} (slowest run {worst:.2f} s)")
     return 0
 
 

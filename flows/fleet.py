@@ -90,7 +90,9 @@ def retrain_branch(settings: Settings, fleet_limit: str, fleet_name: str) -> dic
             return one(settings)
 
 
-@flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=16))
+# The mapped change checks: I/O on one cached boto3 client per storage location, whose connection
+# pool holds 10; more threads than that only queue for connections (and urllib3 warns on each).
+@flow(name="retrain-fleet", task_runner=ThreadPoolTaskRunner(max_workers=8))
 def retrain_fleet(fleet: str = DEFAULT_FLEET, adapters: list[str] | None = None, force: bool = False) -> Any:
     """Retrain the adapters of a fleet file whose data, base model or settings changed since their
     champion. `fleet`: the file, a path on the worker (relative to the directory the deployment was
@@ -141,15 +143,19 @@ def _retrain_fleet(path: str, names: list[str], force: bool) -> Any:
     logger.info("change check of %d adapters: %.1f s; %d changed%s", len(specs), check_s, len(changed),
                 f" ({', '.join(changed)})" if changed else "")
 
-    branches = {name: retrain_branch.submit(specs[name], limit, definition.name) for name in changed}
-    for name, future in branches.items():
-        future.wait()
-        state = future.state
-        if state.is_completed():
-            rows[name] = _trained_row(name, state.result())
-        else:
-            rows[name] = _row(name, "failed", verdict=_error_text(state))
-            logger.error("%s failed: %s", name, rows[name]["verdict"])
+    # A thread per changed adapter: a branch holds its thread while its training runs on the gpu pool,
+    # and how many run at once is the fleet's concurrency limit's to say, not this pool's size.
+    with ThreadPoolTaskRunner(max_workers=max(1, len(changed))) as runner:
+        branches = {name: runner.submit(retrain_branch, {"settings": specs[name], "fleet_limit": limit,
+                                                         "fleet_name": definition.name}) for name in changed}
+        for name, future in branches.items():
+            future.wait()
+            state = future.state
+            if state.is_completed():
+                rows[name] = _trained_row(name, state.result())
+            else:
+                rows[name] = _row(name, "failed", verdict=_error_text(state))
+                logger.error("%s failed: %s", name, rows[name]["verdict"])
 
     ordered = [rows[name] for name in chosen]
     counts = {result: sum(r["result"] == result for r in ordered) for result in ("trained", "skipped", "failed")}
