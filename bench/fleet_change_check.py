@@ -136,7 +136,8 @@ def main() -> int:
         fleet_file = tmp / "fleet.yaml"
         fleet_file.write_text(yaml.safe_dump(_fleet_doc(args.adapters), sort_keys=False))
         fleet = load_fleet(fleet_file)
-        print(f"fleet_change_check: {args.adapters} adapters, local store under {home}/s3; {_cpu()}, "
+        where = f"{home}/s3" if args.home else "LORAFLOW_HOME/s3 of a temporary home"
+        print(f"fleet_change_check: {args.adapters} adapters, local store {where}; {_cpu()}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
         _setup(fleet, tmp)
         print("warm-up: one library round (boto3 clients, imports)", flush=True)
