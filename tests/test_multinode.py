@@ -451,3 +451,17 @@ def test_creating_the_job_without_a_reachable_cluster_fails_in_one_line(tmp_path
     with pytest.raises(ClusterError, match=rf"^kubernetes API http://127.0.0.1:{port} unreachable while creating job "
                                            r"training/loraflow-0b7e6a6c-5d1e-4a39-9d7a-[0-9a-f]{6}: "):
         asyncio.run(run_job(_cluster_settings(), RUN_KEY))
+
+
+@pytest.mark.slow
+def test_the_flow_refuses_a_cluster_run_it_cannot_create_before_any_data_work(prefect_server, s3_server,
+                                                                              tiny_model_dir, imdb_data_dir,
+                                                                              flow_home):
+    from loraflow.errors import ConfigError
+    from loraflow.flows.train_adapter import train_adapter_flow
+
+    settings = _settings(s3_server, create_bucket(s3_server, "mn-flow-"), tiny_model_dir, imdb_data_dir)
+    two_nodes = settings.model_copy(update={"cluster": settings.cluster.model_copy(update={"nnodes": 2})})
+    with pytest.raises(ConfigError, match=r"^cluster.image: unset; training on several nodes runs in pods"):
+        train_adapter_flow(two_nodes, run_key="mn-flow")
+    assert not (flow_home / "prepared").exists()  # no data was prepared for it
