@@ -409,6 +409,12 @@ def test_a_jobs_status_reads_as_done_running_or_one_failure_line():
                          "TrainingError: training failed on rank 3 (torchrun exit 1): ConfigError: training.per_device_"
                          "train_batch_size=1000000 x data.max_length=64 needs about 9 TB")
     assert not p.lost and p.finished  # the nodes' own error: not retried, the Job kept for its logs
+    # A node whose peer vanished fails too, with its own exit 1: still a lost node (retried).
+    orphan = {**running, "state": {"terminated": {
+        "exitCode": 1, "reason": "Error", "finishedAt": "2026-12-02T10:04:00Z",
+        "message": "TrainingError: training under torchrun failed (exit 1): torch.distributed.elastic.rendezvous."
+                   "api.RendezvousConnectionError: The connection to the C10d store has failed."}}}
+    assert progress(_job(failed), [_pod(1, "Failed", container=orphan)]).lost
     oom = {**running, "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled",
                                                "finishedAt": "2026-12-02T10:04:00Z"}}}
     p = progress(_job(failed), [_pod(0, "Failed", container=oom)])

@@ -49,6 +49,11 @@ SCRATCH = "/scratch"
 FATAL_WAITING = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
                            "CreateContainerError"})
 _INSTALL = "pip install 'loraflow[kubernetes]'"
+# Errors that fail the same way on a retry (as tasks/_retry.py's PERMANENT), by the name a node reports.
+DETERMINISTIC = frozenset({"ConfigError", "DataError", "ModelError", "TrainingError", "IntegrityError", "ValueError",
+                           "TypeError", "KeyError", "MemoryError"})
+_RANK_ERROR = re.compile(r"training failed on rank \d+ \(torchrun exit -?\d+\): (\w+):")
+_NODE_ERROR = re.compile(r"(\w+): (?!training failed on rank|training under torchrun failed)")
 
 
 class ClusterError(LoraflowError):
@@ -221,9 +226,11 @@ def _pod_failure(pod: Any) -> tuple[str, bool]:
         return f"{where} {reason}: {(pod.status.message if pod.status else None) or 'lost'}", True
     message = (term.message or "").strip().splitlines()
     last = message[-1] if message else ""
-    # loraflow.launch exits with the error's code (1 or 2) and writes the error as the
-    # termination message; a kill (137), OOMKilled or a signal is a lost node.
-    own = term.exit_code in (1, 2) and term.reason != "OOMKilled" and last.split(":", 1)[0].endswith("Error")
+    # loraflow.launch writes the node's error as the termination message. Only a deterministic
+    # error of the run itself (bad settings or data, a diverged loss) is the run's own; a kill
+    # (137), OOMKilled, or a rank that lost its peers (gloo/NCCL, the rendezvous) is a lost node.
+    cause = _RANK_ERROR.search(last) or _NODE_ERROR.match(last)
+    own = term.exit_code in (1, 2) and term.reason != "OOMKilled" and bool(cause) and cause.group(1) in DETERMINISTIC
     detail = f": {last}" if last else ""
     return f"{where} exited {term.exit_code} ({term.reason or 'Error'}){detail}", not own
 
