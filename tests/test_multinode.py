@@ -297,6 +297,8 @@ def test_the_job_renders_from_settings_and_validates_against_kubernetes(tmp_path
     # Bad input: one line naming the field or object.
     with pytest.raises(ConfigError, match=r"^cluster.image: unset"):
         render(_cluster_settings("cluster.image=null"), RUN_KEY)
+    with pytest.raises(ConfigError, match=r"^training.nproc_per_node=4 with cluster.gpus_per_node=8: one training"):
+        render(_cluster_settings("training.nproc_per_node=4"), RUN_KEY)
     with pytest.raises(ConfigError, match=r"--node-rank 2: must be between 0 and cluster.nnodes-1 \(1\)"):
         node_command(node, RUN_KEY, tmp_path, tmp_path / "s.json", node_rank=2, nproc=1)
     # A node started by hand with a spec that names no shared storage: exit 2, one line.

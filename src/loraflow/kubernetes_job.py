@@ -87,6 +87,10 @@ def render(settings: Settings, run_key: str, name: str | None = None) -> list[di
     if c.nnodes < 2:
         raise ConfigError(f"cluster.nnodes={c.nnodes}: a Kubernetes Job is for 2 or more nodes; one node trains "
                           "in the flow run's own pod")
+    nproc = settings.training.nproc_per_node
+    if nproc != "auto" and c.gpus_per_node and nproc != c.gpus_per_node:
+        raise ConfigError(f"training.nproc_per_node={nproc} with cluster.gpus_per_node={c.gpus_per_node}: one training "
+                          "process per GPU; leave nproc_per_node at auto")
     name = name or job_name(run_key)
     labels = {"app.kubernetes.io/name": "loraflow", "app.kubernetes.io/component": "training", LABEL: name}
     spec_json = node_spec(settings, run_key, name).model_dump_json()
