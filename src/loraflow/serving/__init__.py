@@ -1,11 +1,13 @@
-"""The reference service behind `loraflow serve NAME@ALIAS`: an OpenAI-style completions endpoint
-on transformers + peft that follows an alias and hot-swaps versions without failing a request.
+"""The reference service behind `loraflow serve REF [REF ...]`: OpenAI-style completions and chat
+on transformers + peft for several adapters of one base, generated in one batch across adapters,
+each followed alias hot-swapped without failing a request.
 
-    model.py    the model and its adapters: one base, several loaded versions, in-flight counts
-    canary.py   the checks a new version passes before it gets traffic
-    metrics.py  Prometheus metrics (a registry per service)
-    service.py  follower -> load beside the current -> canary -> switch -> unload the old
-    app.py      the FastAPI app (request schemas, 4xx answers, /metrics)
+    model.py      the model and its adapters: one base, loaded versions, in-flight counts, LRU bound
+    scheduler.py  the one generation loop: continuous batching across adapters (PEFT adapter_names)
+    canary.py     the checks a new version passes before it gets traffic
+    metrics.py    Prometheus metrics (a registry per service)
+    service.py    routes (NAME@ALIAS followed, NAME==VERSION pinned): load beside -> canary -> switch
+    app.py        the FastAPI app (request schemas, streaming, 4xx answers, /metrics)
 
 Nothing here imports Prefect; FastAPI, uvicorn and prometheus-client come with it anyway.
 """
