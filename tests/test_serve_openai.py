@@ -76,3 +76,21 @@ def test_every_route_answers_errors_in_openai_shape(client):
            "invalid_json")
     _shape(client.post("/v1/completions", json=["hi"]), 400, "invalid_json")
     _shape(client.get("/health"), 503, "model_not_ready")
+
+
+@pytest.mark.parametrize(("body", "status", "code", "param", "message"), [
+    ({"messages": []}, 400, "invalid_value", "messages", "messages: List should have at least 1 item"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, 400, "invalid_value", "messages.role", "messages.role: "),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "unsupported_value",
+     "tools", "tools: tools are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "unsupported_value", "logprobs",
+     "logprobs: log probabilities are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, 400,
+     "unsupported_value", "response_format", "only plain text answers"),
+    ({"model": "other", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found", "model",
+     "model 'other' is not served here"),
+    ({"model": "other", "prompt": "hi"}, 404, "model_not_found", "model", "model 'other' is not served here"),
+])
+def test_chat_and_model_errors_in_openai_shape(client, body, status, code, param, message):
+    route = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    assert message in _shape(client.post(route, json=body), status, code, param)["message"]
