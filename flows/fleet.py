@@ -27,6 +27,7 @@ part, training, goes to the gpu pool either way (`prefect.train_deployment`)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
@@ -114,12 +115,20 @@ def _retrain_fleet(path: str, names: list[str], force: bool) -> Any:
 
     rows: dict[str, dict[str, Any]] = {}
     specs: dict[str, Settings] = {}
+    # The storage location, as for any run (a worker's, when the file leaves it out): resolved once
+    # per distinct location, so a worker's warning about its LORAFLOW_* variables is one line, not one per adapter.
+    locations: dict[str, Any] = {}
     for name, spec in chosen.items():
-        try:
-            spec = for_flow_run(spec)  # the storage location, as for any run (a worker's, when the file leaves it out)
-        except ConfigError as exc:
-            rows[name] = _row(name, "failed", verdict=str(exc))
+        key = json.dumps([spec.storage.model_dump(mode="json"), sorted(spec.storage.model_fields_set)])
+        if key not in locations:
+            try:
+                locations[key] = for_flow_run(spec).storage
+            except ConfigError as exc:
+                locations[key] = exc
+        if isinstance(locations[key], ConfigError):
+            rows[name] = _row(name, "failed", verdict=str(locations[key]))
             continue
+        spec = spec.model_copy(update={"storage": locations[key]})
         if force:
             spec = spec.model_copy(update={"registry": spec.registry.model_copy(update={"force": True})})
         specs[name] = spec
