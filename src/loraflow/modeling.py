@@ -267,7 +267,10 @@ def precision_of(model) -> Precision:
     fp32 weights in fp32. For code that holds a model but not the run's resolution."""
     import torch
 
-    weight = model.get_input_embeddings().weight
+    try:
+        weight = model.get_input_embeddings().weight
+    except (AttributeError, NotImplementedError):  # a model without the accessor: its first weights
+        weight = next(model.parameters())
     name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight.dtype, "fp32")
     return Precision(device=weight.device.type, name=name,  # type: ignore[arg-type]
                      model_dtype=str(weight.dtype).removeprefix("torch."))
