@@ -5,7 +5,7 @@ fixed prompt and output lengths; generated tokens/s and latency p50/p95 per (K, 
     mkdir -p /tmp/prev && git archive 4bebce3~1 src | tar -x -C /tmp/prev   # the service before batching
     .venv/bin/python bench/serve_load.py --systems one-at-a-time,batched,previous --previous-src /tmp/prev/src --adapters 1
     .venv/bin/python bench/serve_load.py --systems transformers-serve --adapters 1
-    .venv/bin/python bench/serve_load.py --systems batched --adapters 4 --clients 16 --move-aliases
+    .venv/bin/python bench/serve_load.py --systems one-at-a-time,batched --adapters 4 --move-aliases
 
 The systems of one run are all started, then measured one after the other for each (K, C), so
 that the machine's drift hits them alike. Systems: `batched` is `loraflow serve` as it ships (one generation loop, every adapter in one
@@ -22,7 +22,8 @@ c_attn/c_proj with small random weights, two versions each, published to a local
 Client i asks for adapter i mod K, greedy, `max_tokens` fixed, a closed loop (next request when the
 previous answer arrived). Counted: requests that finished inside the measured window; tokens/s is
 their completion tokens over the window. `--move-aliases` moves every alias to its other version
-twice during each window; any answer but 200 counts as failed.
+twice during one more window of the batched system at the largest C (the other systems stopped
+first: they follow the same aliases); any answer but 200 counts as failed.
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"], help="GPT-2 shape")
     parser.add_argument("--move-aliases", action="store_true",
-                        help="move every alias twice during each window (only with --systems batched)")
+                        help="then one more window for batched at the largest C, the other systems stopped, "
+                             "every alias moved twice during it")
     parser.add_argument("--previous-src", help="src/ of an older checkout, for the previous system")
     parser.add_argument("--out", help="append the JSON lines here too")
     args = parser.parse_args()
@@ -156,8 +158,8 @@ def main() -> int:
         parser.error("previous and transformers-serve serve one model: --adapters 1")
     if "previous" in systems and not args.previous_src:
         parser.error("previous needs --previous-src DIR (src/ of an older checkout)")
-    if args.move_aliases and systems != ["batched"]:
-        parser.error("--move-aliases: only with --systems batched (every loraflow server follows the aliases)")
+    if args.move_aliases and "batched" not in systems:
+        parser.error("--move-aliases: needs the batched system")
 
     import torch
 
@@ -191,14 +193,20 @@ def main() -> int:
                 try:
                     for srv in servers:
                         srv.ready()
-                    for c in cs:
-                        for srv in servers:
-                            row = srv.measure(c, args, versions, settings, set_alias)
-                            line = json.dumps({"system": srv.system, **row})
-                            print(line, flush=True)
-                            if args.out:
-                                with open(args.out, "a") as f:
-                                    f.write(line + "\n")
+                    cells = [(srv, c, False) for c in cs for srv in servers]
+                    if args.move_aliases:
+                        cells.append((next(s for s in servers if s.system == "batched"), max(cs), True))
+                    for srv, c, moving in cells:
+                        if moving:  # every loraflow server follows the aliases: only the measured one runs
+                            for other in servers:
+                                if other is not srv:
+                                    other.stop()
+                        row = srv.measure(c, args, versions, settings, set_alias, moving)
+                        line = json.dumps({"system": srv.system, **row})
+                        print(line, flush=True)
+                        if args.out:
+                            with open(args.out, "a") as f:
+                                f.write(line + "\n")
                 finally:
                     for srv in servers:
                         srv.stop()
@@ -241,11 +249,11 @@ class Server:
                       lambda r: len(r.json().get("data", [])) == self.k)
         print(f"# {self.system} K={self.k}: ready after {time.monotonic() - self.started:.1f} s", flush=True)
 
-    def measure(self, c: int, args, versions, settings, set_alias) -> dict:
+    def measure(self, c: int, args, versions, settings, set_alias, moving: bool = False) -> dict:
         import httpx
 
         mover = None
-        if args.move_aliases:
+        if moving:
             def mover(t0, t1):
                 moves = 0
                 for n, at in enumerate((t0 + (t1 - t0) / 3, t0 + 2 * (t1 - t0) / 3)):
@@ -258,7 +266,7 @@ class Server:
         if self.system in ("batched", "one-at-a-time"):
             info = httpx.get(f"{self.url}/v1/adapter", timeout=30).json()
             row["peak_batch"] = info["scheduler"]["peak_batch"]
-            if args.move_aliases:
+            if moving:
                 row["swaps"] = sum(a["swaps"] for a in info["adapters"])
                 row["swap_errors"] = [a["last_swap_error"] for a in info["adapters"] if a["last_swap_error"]]
         print(f"# {self.system} K={self.k} C={c}: {row['tokens_per_s']} tokens/s, p50 {row['p50_s']} s, "
