@@ -35,8 +35,9 @@ def applied_deployments(prefect_server):
         assert created.returncode == 0, created.stdout + created.stderr
     deployed = prefect_server.cli("--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
-    # Its 15-minute schedule would hand seed-recipe runs to this module's workers.
-    asyncio.run(_pause_schedules("retrain/retrain-on-new-data"))
+    # Their schedules (every 15 minutes; daily at 04:00 UTC) would hand runs to this module's workers.
+    for name in ("retrain/retrain-on-new-data", "retrain-fleet/retrain-fleet"):
+        asyncio.run(_pause_schedules(name))
     return deployed
 
 
