@@ -16,6 +16,9 @@ for var, value in {
     "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false",
     "PIP_NO_INDEX": "1",
+    # fp32 on every processor (an avx512_bf16 CPU would otherwise train and serve in bf16): the suite
+    # compares logits, adapters and generations across processes. tests/test_precision.py covers bf16.
+    "LORAFLOW_CPU_BF16": "0",
 }.items():
     os.environ.setdefault(var, value)
 

@@ -85,7 +85,18 @@ def test_emulated_bf16_is_warned(caplog):
 
 def test_native_bf16_is_read_from_the_processor(monkeypatch):
     from loraflow import modeling
+    from loraflow.errors import ConfigError
 
+    # The suite pins fp32 (conftest: LORAFLOW_CPU_BF16=0); here the processor itself is asked.
+    monkeypatch.setenv("LORAFLOW_CPU_BF16", "0")
+    modeling.cpu_bf16.cache_clear()
+    assert (modeling.cpu_bf16().native, modeling.cpu_bf16().evidence) == (False, "LORAFLOW_CPU_BF16=0")
+    monkeypatch.setenv("LORAFLOW_CPU_BF16", "yes")
+    modeling.cpu_bf16.cache_clear()
+    with pytest.raises(ConfigError, match="LORAFLOW_CPU_BF16='yes'"):
+        modeling.cpu_bf16()
+    monkeypatch.delenv("LORAFLOW_CPU_BF16")
+    modeling.cpu_bf16.cache_clear()
     real = modeling.cpu_bf16()
     flags = modeling._proc_cpu_flags()
     # torch 2.13 has no bf16 probe of its own (torch._C._cpu: _get_cpu_capability, _init_amx): the flags decide.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import platform
 import warnings
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from loraflow.errors import IntegrityError, ModelError
+from loraflow.errors import ConfigError, IntegrityError, ModelError
 from loraflow.log import get_logger, log_once
 from loraflow.paths import cache_dir
 from loraflow.storage.client import is_s3_uri, parse_s3_uri
@@ -104,14 +105,26 @@ class CpuBf16:
     evidence: str
 
 
+CPU_BF16_VARIABLE = "LORAFLOW_CPU_BF16"
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16() -> CpuBf16:
     """Native bf16 maths: x86's avx512_bf16 or AMX (oneDNN then runs bf16 matrix products at 2-3x
     the fp32 rate), aarch64's bf16 extension. Without them torch emulates bf16, ~60x slower than fp32
     (ASSETS.md: 1.2 against 90 GFLOP/s on an AVX2-only EPYC). torch's own probe asks the processor
-    (cpuid, as oneDNN does); /proc/cpuinfo's flags stand in where this torch has no probe."""
+    (cpuid, as oneDNN does); /proc/cpuinfo's flags stand in where this torch has no probe.
+
+    `LORAFLOW_CPU_BF16=0` (or 1) overrides the detection, as CUDA_VISIBLE_DEVICES hides a GPU: a
+    property of the machine, not a setting. CI sets 0 so that the suite computes the same fp32
+    numbers on every processor (its tests compare logits and adapters across processes)."""
     import torch
 
+    forced = os.environ.get(CPU_BF16_VARIABLE, "").strip()
+    if forced in ("0", "1"):
+        return CpuBf16(forced == "1", f"{CPU_BF16_VARIABLE}={forced}")
+    if forced:
+        raise ConfigError(f"{CPU_BF16_VARIABLE}={forced!r}: use 0 (fp32 on this CPU) or 1 (native bf16), or unset it")
     arm = platform.machine().lower() in ("aarch64", "arm64")
     flags = _proc_cpu_flags()
     probed = None if arm else _torch_bf16_probe()

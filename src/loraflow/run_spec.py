@@ -31,7 +31,7 @@ log = get_logger("run")
 
 LOCATION_FIELDS = ("endpoint_url", "bucket", "prefix", "region", "profile")
 # LORAFLOW_* variables that are not settings: where loraflow keeps its files on this machine.
-MACHINE_VARIABLES = frozenset({"LORAFLOW_HOME"})
+MACHINE_VARIABLES = frozenset({"LORAFLOW_HOME", "LORAFLOW_CPU_BF16"})
 
 
 def executed_by_worker() -> bool:
