@@ -121,12 +121,7 @@ def fetch_staged_task(settings: Settings, run_key: str) -> dict[str, Any]:
 
     prefix = checkpoints.run_prefix(settings.storage, run_key)
     dest = run_dir(run_key)
-    manifest = checkpoints.download(settings.storage, prefix + STAGED, dest / "staged", kind="adapter")
-    checkpoints.download(settings.storage, prefix + STAGED_LOGS, dest / "staged-logs", kind="logs")
-    info = dict(manifest.get("train") or {})
-    for key in ("history_path", "loss_curve_path"):
-        if info.get(key):
-            local = dest / "staged-logs" / Path(info[key]).name
-            info[key] = str(local) if local.is_file() else None
+    manifest, info = checkpoints.download_trained(settings.storage, prefix + STAGED, prefix + STAGED_LOGS,
+                                                  dest / "staged", dest / "staged-logs")
     results = {k: manifest.get(k) for k in STAGED_RESULTS}
     return {**info, **results, "adapter_dir": str(dest / "staged"), "staged_uri": prefix + STAGED, "run_key": run_key}

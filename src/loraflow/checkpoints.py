@@ -82,6 +82,21 @@ def download(storage: StorageSettings, uri: str, dest: Path, kind: str = "checkp
     return download_dir(store, key_prefix, dest, kind)
 
 
+def download_trained(storage: StorageSettings, uri: str, logs_uri: str, dest: Path, logs_dest: Path
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trained adapter staged by another machine (sha256-verified into `dest`) and its logs: its
+    manifest, and the training result recorded with it with the log paths pointing into `logs_dest`
+    (None where that file did not come)."""
+    manifest = download(storage, uri, dest, kind="adapter")
+    download(storage, logs_uri, logs_dest, kind="logs")
+    info = dict(manifest.get("train") or {})
+    for key in ("history_path", "loss_curve_path"):
+        if info.get(key):
+            local = logs_dest / Path(info[key]).name
+            info[key] = str(local) if local.is_file() else None
+    return manifest, info
+
+
 def latest_checkpoint(storage: StorageSettings, run_key: str) -> StoredCheckpoint | None:
     """The highest-step checkpoint whose manifest was written (i.e. whose upload completed)."""
     store, key_prefix = _store(storage, run_prefix(storage, run_key))

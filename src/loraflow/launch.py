@@ -205,13 +205,8 @@ def fetch_trained(settings: Settings, run_key: str, dest: Path) -> dict[str, Any
     from loraflow import checkpoints
 
     prefix = checkpoints.run_prefix(settings.storage, run_key)
-    manifest = checkpoints.download(settings.storage, prefix + TRAINED, dest / "trained", kind="adapter")
-    checkpoints.download(settings.storage, prefix + TRAINED_LOGS, dest / "trained-logs", kind="logs")
-    info = dict(manifest.get("train") or {})
-    for key in ("history_path", "loss_curve_path"):
-        if info.get(key):
-            local = dest / "trained-logs" / Path(info[key]).name
-            info[key] = str(local) if local.is_file() else None
+    _, info = checkpoints.download_trained(settings.storage, prefix + TRAINED, prefix + TRAINED_LOGS,
+                                           dest / "trained", dest / "trained-logs")
     return {**info, "adapter_dir": str(dest / "trained"), "output_dir": str(dest)}
 
 
