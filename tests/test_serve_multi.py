@@ -103,7 +103,7 @@ def test_mixed_adapter_batch_equals_each_request_alone(tmp_path, tiny_model_dir,
                 holder.acquire(entry)
                 # Different lengths: rows leave at different steps and waiting ones join then.
                 sequences.append(scheduler.submit(Sequence(entry, holder.encode(prompt),
-                                                           Sampling(max_tokens=new_tokens - i % 5), holder.tokenizer)))
+                                                           Sampling(max_tokens=new_tokens - i % 5), holder.decode)))
         for seq in sequences:
             seq.result()
     finally:

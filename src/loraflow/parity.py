@@ -93,9 +93,12 @@ def greedy(model, pad_token_id: int, ends: set[int], new_tokens: int = NEW_TOKEN
     generation loop keeps the end token (transformers) or not (the service's)."""
     import torch
 
+    from loraflow.modeling import autocast, precision_of
+
     def run(prompt_ids: list[int]) -> list[int]:
         ids = torch.tensor([prompt_ids], device=model.device)
-        with torch.inference_mode():
+        # The precision the model is held in, as the service computes (scheduler.forward).
+        with torch.inference_mode(), autocast(precision_of(model)):
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
                                  pad_token_id=pad_token_id, eos_token_id=sorted(ends) or None)
@@ -119,7 +122,9 @@ def observe(model, prompt_ids: list[list[int]], generate: Generate, *,
     obs = Observation([list(p) for p in prompt_ids], generated)
     forced = reference.sequences() if reference is not None else obs.sequences()
     worst = 0.0
-    with torch.inference_mode():
+    from loraflow.modeling import autocast, precision_of
+
+    with torch.inference_mode(), autocast(precision_of(model)):
         for i, seq in enumerate(forced):
             ids = torch.tensor([seq], device=model.device)
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float().cpu()

@@ -116,7 +116,7 @@ def run_canary(holder, entry, documents: list[str], tolerance: float = DEFAULT_T
                              do_sample=False,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         new = out[0, prompt.shape[1]:]
-        return int(new.numel()), tok.decode(new, skip_special_tokens=True)
+        return int(new.numel()), holder.decode(new.tolist())
 
     def doc_nll(model, doc: str) -> tuple[float, int]:
         ids = encode(model, doc)

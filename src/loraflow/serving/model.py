@@ -158,9 +158,14 @@ class ModelHolder:
 
         import loraflow
 
+        from loraflow.modeling import resolve_precision
+
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # fp32 on a CPU: without native half-precision maths bf16/fp16 run ~50x slower there.
-        dtype = "auto" if device == "cuda" else torch.float32
+        # A CPU: the precision training resolves to on this machine (bf16 base where the processor
+        # multiplies bf16 natively, else fp32: emulated bf16 runs ~60x slower); the adapters stay fp32
+        # and generation computes under autocast (scheduler.forward).
+        dtype = "auto" if device == "cuda" else resolve_precision(settings.training, settings.model,
+                                                                   device=device).torch_dtype
         model = loraflow.load_adapter(ref, settings=settings, dest=dest, dtype=dtype)
         model.to(device).eval()
         tokenizer = base_tokenizer(manifest, settings)
@@ -233,6 +238,10 @@ class ModelHolder:
         with self._tokenizer_lock:
             return list(self.tokenizer(text)["input_ids"])
 
+    def decode(self, ids: list[int]) -> str:
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def chat_prompt(self, messages: list[dict]) -> str:
         with self._tokenizer_lock:
             return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -242,12 +251,14 @@ class ModelHolder:
         """Swap work: `fn(model)` with `entry`'s adapter active, ahead of waiting requests."""
         import torch
 
+        from loraflow.modeling import autocast, precision_of
+
         with self.lock.hold(urgent=True):
             if entry.unloaded or entry.evicted:
                 raise ModelError(f"version {entry.version} is not loaded")
             if self.model.active_adapter != entry.slot:
                 self.model.set_adapter(entry.slot)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(precision_of(self.model)):
                 return fn(self.model)
 
     def retire(self, entry: Loaded) -> None:

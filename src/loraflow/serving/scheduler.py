@@ -54,11 +54,13 @@ class Sampling:
 class Sequence:
     """One prompt being generated. The consumer reads `events()` (streaming) or `result()`."""
 
-    def __init__(self, entry, prompt_ids: list[int], sampling: Sampling, tokenizer) -> None:
+    def __init__(self, entry, prompt_ids: list[int], sampling: Sampling, decode) -> None:
         self.entry = entry  # serving.model.Loaded: the adapter version, fixed for the whole sequence
         self.prompt_ids = prompt_ids
         self.sampling = sampling
-        self.tokenizer = tokenizer
+        # The holder's decode: the fast tokenizer is shared with request threads that encode, and
+        # Rust tokenizers fail "Already borrowed" when two threads use one at once.
+        self.decode = decode
         self.generated: list[int] = []
         self.emitted = ""  # text handed to the consumer so far
         self.finish_reason: str | None = None
@@ -73,7 +75,7 @@ class Sequence:
     # --- the generation loop's side --------------------------------------------------------------
     def _text(self, final: bool) -> tuple[str, bool]:
         """The text that may be shown now, and whether a stop string ended it."""
-        text = self.tokenizer.decode(self.generated, skip_special_tokens=True)
+        text = self.decode(self.generated)
         stops = self.sampling.stop
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -143,7 +145,9 @@ def forward(model, **inputs):
     """Every forward of generation goes through here (one place for precision contexts)."""
     import torch
 
-    with torch.inference_mode():
+    from loraflow.modeling import autocast, precision_of
+
+    with torch.inference_mode(), autocast(precision_of(model)):
         return model(**inputs)
 
 
@@ -272,7 +276,7 @@ def serving_greedy(holder, entry, new_tokens: int):
     batch of its own. For checks that already hold the model lock (the canary)."""
 
     def run(prompt_ids: list[int]) -> list[int]:
-        seq = Sequence(entry, list(prompt_ids), Sampling(max_tokens=new_tokens), holder.tokenizer)
+        seq = Sequence(entry, list(prompt_ids), Sampling(max_tokens=new_tokens), holder.decode)
         batch = Batch()
         batch.prefill(holder.model, [seq], holder.eos_ids)
         while batch.rows:

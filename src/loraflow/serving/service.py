@@ -366,7 +366,7 @@ class Service:
         for _ in encoded[1:]:
             holder.acquire(entry)  # one hold per sequence; each sequence releases its own
         sampling = Sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
-        sequences = [self.scheduler.submit(Sequence(entry, ids, sampling, holder.tokenizer)) for ids in encoded]
+        sequences = [self.scheduler.submit(Sequence(entry, ids, sampling, holder.decode)) for ids in encoded]
         return entry, sequences
 
     def chat_prompt(self, model: str | None, messages: list[dict]) -> str:
