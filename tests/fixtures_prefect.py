@@ -116,3 +116,21 @@ def tiny_flow_settings(s3_server, bucket: str, model_dir: Path, data_dir: Path, 
                   "save_total_limit": None, **training},
         registry={"adapter_name": name},
     )
+
+
+def wait_final_state(flow_run_id, timeout: float = 420):
+    """The flow run once its state is final, or as it is after `timeout` seconds."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(flow_run_id)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        run = asyncio.run(read())
+        if run.state.is_final() or time.monotonic() > deadline:
+            return run
+        time.sleep(1)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fixtures_prefect import ROOT, tiny_flow_settings
+from fixtures_prefect import ROOT, tiny_flow_settings, wait_final_state
 from fixtures_s3 import create_bucket, make_adapter_dir
 from test_deployments import _pause_schedules, _start_worker, _stop, applied_deployments  # noqa: F401 - a fixture
 
@@ -104,20 +104,6 @@ def _seed_champion(spec, adapter_dir: Path) -> str:
               reason="seeded by tests/test_fleet.py")
     return published.version
 
-
-def _wait_final(flow_run_id, timeout: float):
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run_id)
-
-    deadline = time.monotonic() + timeout
-    while True:
-        run = asyncio.run(read())
-        if run.state.is_final() or time.monotonic() > deadline:
-            return run
-        time.sleep(1)
 
 
 async def _deployment_runs(name: str):
@@ -229,7 +215,7 @@ def test_a_fleet_of_12_retrains_the_2_with_new_data_and_a_broken_source_fails_al
 
     try:
         t = time.monotonic()
-        run = _wait_final(asyncio.run(submit()).id, timeout=480)
+        run = wait_final_state(asyncio.run(submit()).id, timeout=480)
         print(f"fleet run: {time.monotonic() - t:.1f} s, {run.state.type.value}: {run.state.message}")
     finally:
         for worker in workers:

@@ -11,27 +11,12 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import yaml
-from fixtures_prefect import ROOT, tiny_flow_settings
+from fixtures_prefect import ROOT, tiny_flow_settings, wait_final_state
 from fixtures_s3 import create_bucket
 from test_deployments import _start_worker, _stop, applied_deployments  # noqa: F401 - a fixture
 
-
-def _wait_final(flow_run_id, timeout: float = 420):
-    from prefect.client.orchestration import get_client
-
-    async def read():
-        async with get_client() as client:
-            return await client.read_flow_run(flow_run_id)
-
-    deadline = time.monotonic() + timeout
-    while True:
-        run = asyncio.run(read())
-        if run.state.is_final() or time.monotonic() > deadline:
-            return run
-        time.sleep(1)
 
 
 def _submit(deployment: str, parameters: dict):
@@ -92,7 +77,7 @@ def test_loraflow_run_submits_to_the_deployment_and_follows_it(
         partial["training"]["max_steps"] = 3
         partial["registry"]["adapter_name"] = "imdb-partial"
         partial["prefect"]["train_deployment"] = "train-adapter/train-adapter"
-        partial_run = _wait_final(_submit("retrain/retrain-imdb", {"settings": partial}).id)
+        partial_run = wait_final_state(_submit("retrain/retrain-imdb", {"settings": partial}).id)
     finally:
         for worker in workers:
             _stop(worker)
@@ -131,7 +116,7 @@ def test_loraflow_run_submits_to_the_deployment_and_follows_it(
     workers = [_start_worker(prefect_server, "cpu", base_env, tmp_path / "worker-bare.log")]
     try:
         bare = dict(partial, registry={**partial["registry"], "adapter_name": "imdb-nowhere"})
-        failed = _wait_final(_submit("retrain/retrain-imdb", {"settings": bare}).id, timeout=240)
+        failed = wait_final_state(_submit("retrain/retrain-imdb", {"settings": bare}).id, timeout=240)
     finally:
         for worker in workers:
             _stop(worker)

@@ -99,31 +99,41 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None  # the openai client may send it; nothing to obfuscate here
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's completions request. Fields this server cannot honour beyond their neutral value
-    are accepted with it and refused otherwise; unknown fields are refused by name, as OpenAI does,
-    rather than silently ignored."""
+class _SamplingRequest(BaseModel):
+    """What OpenAI's completions and chat completions requests share. Fields this server cannot
+    honour beyond their neutral value are accepted with it and refused otherwise (each request's
+    `_neutral_only`); unknown fields are refused by name, as OpenAI does, rather than silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]]
+    model: str | None = None  # NAME, NAME@ALIAS or NAME==VERSION (may be left out when one adapter is served)
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    model: str | None = None  # NAME, NAME@ALIAS or NAME==VERSION (may be left out when one adapter is served)
     seed: int | None = None
     user: str | None = None
     n: int | None = None
-    best_of: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value):
+        return _stops(value)
+
+
+class CompletionRequest(_SamplingRequest):
+    """OpenAI's completions request."""
+
+    prompt: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]]
+    best_of: int | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -134,11 +144,6 @@ class CompletionRequest(BaseModel):
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
         return value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return _stops(value)
 
     @field_validator(*(k for k in NEUTRAL if k not in ("tools", "tool_choice", "functions", "top_logprobs")))
     @classmethod
@@ -176,28 +181,13 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's chat completions request, with the same rules as CompletionRequest."""
-
-    model_config = ConfigDict(extra="forbid")
+class ChatCompletionRequest(_SamplingRequest):
+    """OpenAI's chat completions request."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-    n: int | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
     functions: list | None = None
@@ -205,11 +195,6 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict | None = None
     store: bool | None = None
     metadata: dict | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, value):
-        return _stops(value)
 
     @field_validator(*CHAT_NEUTRAL)
     @classmethod
