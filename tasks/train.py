@@ -100,16 +100,8 @@ def stage_task(settings: Settings, run_key: str, train: dict[str, Any], results:
     check_adapter_dir(Path(train["adapter_dir"]))  # a NaN/inf tensor never leaves the training machine
     out = run_dir(run_key)
     prefix = checkpoints.run_prefix(settings.storage, run_key)
-    checkpoints.upload_dir(settings.storage, Path(train["adapter_dir"]), prefix + STAGED, kind="adapter",
-                           adapter_name=settings.registry.adapter_name, train=train, **results)
-    logs = out / "staged-logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir()
-    for key in ("history_path", "loss_curve_path"):
-        if train.get(key) and Path(train[key]).is_file():
-            shutil.copy2(train[key], logs / Path(train[key]).name)
-    checkpoints.upload_dir(settings.storage, logs, prefix + STAGED_LOGS, kind="logs",
-                           adapter_name=settings.registry.adapter_name)
+    checkpoints.upload_trained(settings.storage, train, prefix + STAGED, prefix + STAGED_LOGS, out / "staged-logs",
+                               adapter_name=settings.registry.adapter_name, **results)
     return prefix + STAGED
 
 

@@ -82,6 +82,22 @@ def download(storage: StorageSettings, uri: str, dest: Path, kind: str = "checkp
     return download_dir(store, key_prefix, dest, kind)
 
 
+def upload_trained(storage: StorageSettings, train: dict[str, Any], uri: str, logs_uri: str, logs_dir: Path,
+                   **fields: Any) -> None:
+    """A trained adapter for another machine to fetch (`download_trained`): its files with the
+    training result in the manifest, then its loss history and curve (copied into `logs_dir`)."""
+    import shutil
+
+    upload_dir(storage, Path(train["adapter_dir"]), uri, kind="adapter", train=train, **fields)
+    shutil.rmtree(logs_dir, ignore_errors=True)
+    logs_dir.mkdir(parents=True)
+    for key in ("history_path", "loss_curve_path"):
+        if train.get(key) and Path(train[key]).is_file():
+            shutil.copy2(train[key], logs_dir / Path(train[key]).name)
+    upload_dir(storage, logs_dir, logs_uri, kind="logs",
+               **{k: v for k, v in fields.items() if k == "adapter_name"})
+
+
 def download_trained(storage: StorageSettings, uri: str, logs_uri: str, dest: Path, logs_dest: Path
                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """A trained adapter staged by another machine (sha256-verified into `dest`) and its logs: its

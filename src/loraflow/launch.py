@@ -185,16 +185,8 @@ def run_node(settings: Settings, run_key: str, out: Path, *, node_rank: int,
         return None  # global rank 0 ran on another node, which uploads the result
     result = {**json.loads(result_file.read_text()), "resumed_from_step": step}
     prefix = checkpoints.run_prefix(settings.storage, run_key)
-    owner = {"adapter_name": settings.registry.adapter_name}
-    checkpoints.upload_dir(settings.storage, Path(result["adapter_dir"]), prefix + TRAINED, kind="adapter",
-                           train=result, **owner)
-    logs = out / "trained-logs"
-    shutil.rmtree(logs, ignore_errors=True)
-    logs.mkdir()
-    for key in ("history_path", "loss_curve_path"):
-        if result.get(key) and Path(result[key]).is_file():
-            shutil.copy2(result[key], logs / Path(result[key]).name)
-    checkpoints.upload_dir(settings.storage, logs, prefix + TRAINED_LOGS, kind="logs", **owner)
+    checkpoints.upload_trained(settings.storage, result, prefix + TRAINED, prefix + TRAINED_LOGS,
+                               out / "trained-logs", adapter_name=settings.registry.adapter_name)
     log.info("trained adapter (step %d) uploaded to %s", result["global_step"], prefix + TRAINED)
     return result
 

@@ -361,14 +361,18 @@ def create_app(service: Service):
                                          headers={**_headers(entry), "cache-control": "no-cache"})
             entry, content = service.complete_all(prompts, model=model, chat=chat, **options)
             return JSONResponse(content, headers=_headers(entry))
-        except BadRequest as exc:
+        except (BadRequest, ModelNotFound, NotReady, GenerationFailed) as exc:
+            return _service_error(exc)
+
+    def _service_error(exc: Exception):
+        """The service's refusals as OpenAI errors: one mapping for every route."""
+        if isinstance(exc, BadRequest):
             return _error(400, str(exc), exc.param)
-        except ModelNotFound as exc:
+        if isinstance(exc, ModelNotFound):
             return _error(404, str(exc), "model", code="model_not_found")
-        except NotReady as exc:
+        if isinstance(exc, NotReady):
             return _error(503, str(exc))
-        except GenerationFailed as exc:
-            return _error(500, str(exc))
+        return _error(500, str(exc))
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest):
@@ -379,12 +383,8 @@ def create_app(service: Service):
     def chat_completions(body: ChatCompletionRequest):
         try:
             prompt = service.chat_prompt(body.model, [m.plain() for m in body.messages])
-        except BadRequest as exc:
-            return _error(400, str(exc), exc.param)
-        except ModelNotFound as exc:
-            return _error(404, str(exc), "model", code="model_not_found")
-        except NotReady as exc:
-            return _error(503, str(exc))
+        except (BadRequest, ModelNotFound, NotReady) as exc:
+            return _service_error(exc)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return answer(body.model, [prompt], body, chat=True, max_tokens=limit)
 
