@@ -201,7 +201,7 @@ def run_seed(model_dir: Path, max_length: int, steps: int, device: str, per_turn
 
 
 def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: int, steps: int, micro_batch: int,
-                      logging_steps: int, precision: str = "auto"):
+                      logging_steps: int, precision: str = "auto", extra: tuple[str, ...] = ()):
     from loraflow.settings import load_settings
 
     return load_settings(overrides=[
@@ -211,6 +211,7 @@ def loraflow_settings(model_dir: Path, data_dir: Path, out: Path, max_length: in
         # The recipe as it is (warmup 100, checkpoints every 500 steps); short runs skip both.
         *([] if steps == RECIPE_STEPS else ["training.warmup_steps=0", "training.save_strategy=no"]),
         f"training.logging_steps={logging_steps}", f"training.output_dir={out}", f"training.precision={precision}",
+        *extra,
     ])
 
 
@@ -227,7 +228,7 @@ def write_reviews(data_dir: Path, train_texts: list[str] | None = None, eval_tex
 
 
 def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int,
-                 precision: str = "auto") -> dict:
+                 precision: str = "auto", extra: tuple[str, ...] = ()) -> dict:
     from transformers import AutoTokenizer
 
     from loraflow.data import prepare_dataset
@@ -237,7 +238,7 @@ def run_loraflow(model_dir: Path, max_length: int, steps: int, device: str, per_
         data_dir = write_reviews(Path(tmp) / "data")
         os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")  # a fresh prepared-data cache
         settings = loraflow_settings(model_dir, data_dir, Path(tmp) / "out", max_length,
-                                     steps, micro_batch, 25 if device == "cuda" else 1, precision)
+                                     steps, micro_batch, 25 if device == "cuda" else 1, precision, extra)
         prepared = prepare_dataset(settings, AutoTokenizer.from_pretrained(model_dir))
         rows = prepared.train
         useful = sum(len(r) for r in rows["input_ids"]) / len(rows)
@@ -273,13 +274,59 @@ def run_recipe(model_dir: Path, max_length: int, micro_batch: int) -> dict:
     return {"final_loss": result.final_loss, "train_time_s": result.train_time_s, "steps": result.global_step}
 
 
+def run_eval_speed(model_dir: Path, max_length: int, rounds: int = 3) -> dict:
+    """loraflow.evaluation's scoring (token_loss over the eval split, the collator and batch size
+    evaluation uses) and its greedy generations (the 6 fixed prompts), base + a fresh LoRA adapter
+    held in fp32 and in bf16 in the same process, passes alternating; the first round is a warm-up.
+    Returns the median tokens/s per precision."""
+    from transformers import AutoTokenizer
+
+    from loraflow import evaluation, modeling
+    from loraflow.data import PackedCollator, prepare_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LORAFLOW_HOME"] = str(Path(tmp) / "home")
+        models, settings = {}, None
+        for name in ("fp32", "bf16"):
+            settings = loraflow_settings(model_dir, write_reviews(Path(tmp) / "data"), Path(tmp) / "out", max_length,
+                                         1, 1, 1, name)
+            precision = modeling.resolve_precision(settings.training, settings.model)
+            models[name] = modeling.apply_lora(modeling.load_base_model(settings, precision), settings.lora).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prepared = prepare_dataset(settings, tokenizer)
+        collator = PackedCollator(modeling.pad_token_id(tokenizer))
+        batch = settings.training.per_device_train_batch_size
+        scoring, generating = {n: [] for n in models}, {n: [] for n in models}
+        losses = {}
+        for r in range(rounds):
+            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+                t = time.perf_counter()
+                loss, n_tokens = evaluation.token_loss(models[name], prepared.eval, collator, batch_size=batch,
+                                                       device="cpu")
+                t_score = time.perf_counter() - t
+                t = time.perf_counter()
+                samples = evaluation.generate_samples(models[name], tokenizer, device="cpu", seed=42)
+                t_gen = time.perf_counter() - t
+                if r:
+                    scoring[name].append(n_tokens / t_score)
+                    generating[name].append(sum(len(s["ids"]) for s in samples) / t_gen)
+                losses[name] = loss
+                print(f"eval round {r + 1}/{rounds} {name}: scoring {n_tokens / t_score:.0f} tok/s, "
+                      f"generation {sum(len(s['ids']) for s in samples) / t_gen:.1f} tok/s", file=sys.stderr, flush=True)
+    return {n: {"scoring_tokens_per_s": statistics.median(scoring[n]), "scoring_tokens": n_tokens,
+                "generation_tokens_per_s": statistics.median(generating[n]), "eval_loss": losses[n],
+                "rounds": rounds - 1} for n in models}
+
+
 def worker(args) -> None:
     model_dir = Path(args.model_dir)
-    if args.worker == "recipe":
+    if args.worker == "eval-speed":
+        result = run_eval_speed(model_dir, args.max_length)
+    elif args.worker == "recipe":
         result = run_recipe(model_dir, args.max_length, args.micro_batch)
     elif args.worker == "loraflow":
         result = run_loraflow(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
-                              args.micro_batch, args.precision)
+                              args.micro_batch, args.precision, tuple(args.set))
     else:
         result = run_seed(model_dir, args.max_length, args.steps, args.device, args.steps_per_turn,
                           micro_batch=4 if args.worker == "seed" else 1)
@@ -384,7 +431,8 @@ def spread(xs: list[float]) -> float:
 
 def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
     common = ["--model-dir", str(model_dir), "--max-length", str(args.max_length), "--steps", str(args.steps),
-              "--device", args.device, "--steps-per-turn", str(args.steps_per_turn)]
+              "--device", args.device, "--steps-per-turn", str(args.steps_per_turn),
+              *(f"--set={o}" for o in args.set)]
     mb = args.micro_batch or (16 if args.device == "cuda" else 1)
     stacks = [Live("seed", "seed", common, log_dir, 4),
               Live("loraflow", "loraflow", [*common, "--precision", args.precision], log_dir, mb)]
@@ -423,6 +471,18 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
         wall = time.perf_counter() - t0
         if proc.returncode == 0:
             recipe = {"wall_s": wall, **json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])}
+        else:
+            sys.stderr.write(proc.stderr[-3000:])
+
+    eval_speed = None
+    if args.device == "cpu" and args.eval_speed:
+        # After the stacks, alone on the machine: fp32 and bf16 alternate inside one process.
+        print("   evaluation speed: loraflow.evaluation's scoring and generation, fp32 and bf16 alternating",
+              flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", "eval-speed", *common], capture_output=True,
+                              text=True)
+        if proc.returncode == 0:
+            eval_speed = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
         else:
             sys.stderr.write(proc.stderr[-3000:])
 
@@ -484,6 +544,14 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
                    f"evaluated in fp32); {half_run.result['own_eval_loss']:.4f} evaluated in "
                    f"{half_run.result['precision']} ({own:+.4f}); "
                    f"{'within' if max(abs(diff), abs(own)) <= 0.02 else 'OUTSIDE'} 0.02 nats")
+    if eval_speed:
+        f, b = eval_speed["fp32"], eval_speed["bf16"]
+        out.append(f"{'':<20}evaluation (loraflow.evaluation, {f['scoring_tokens']} eval tokens, median of "
+                   f"{f['rounds']} alternating rounds): scoring {b['scoring_tokens_per_s']:.0f} tok/s in bf16 vs "
+                   f"{f['scoring_tokens_per_s']:.0f} in fp32 (x{b['scoring_tokens_per_s'] / f['scoring_tokens_per_s']:.2f}); "
+                   f"greedy generation {b['generation_tokens_per_s']:.1f} vs {f['generation_tokens_per_s']:.1f} tok/s "
+                   f"(x{b['generation_tokens_per_s'] / f['generation_tokens_per_s']:.2f}); eval loss "
+                   f"{b['eval_loss']:.4f} vs {f['eval_loss']:.4f}")
     if recipe:
         out.append(f"{'':<20}the 1000-step recipe through loraflow, cold process to adapter written: "
                    f"{recipe['wall_s']:.1f} s wall ({recipe['train_time_s']:.1f} s training), final loss "
@@ -516,7 +584,12 @@ def main() -> None:
                         help="a loraflow stack in the other precision too (fp32 vs bf16), eval losses side by side")
     parser.add_argument("--no-recipe", dest="recipe", action="store_false",
                         help="cuda: skip timing the whole 1000-step recipe")
-    parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow", "recipe"], help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a loraflow settings override for its stacks (repeatable), e.g. training.fused_loss=false")
+    parser.add_argument("--no-eval-speed", dest="eval_speed", action="store_false",
+                        help="cpu: skip timing loraflow.evaluation's scoring and generation in fp32 vs bf16")
+    parser.add_argument("--worker", choices=["seed", "seed-mb1", "loraflow", "recipe", "eval-speed"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -1,0 +1,151 @@
+"""One training micro-step (forward + backward) of loraflow's bf16 recipe, variant against variant,
+alternating in one process: which of the memory-bound remedies wins on this CPU.
+
+The same 4 packed rows (DialoGPT-small shape, random weights, real reviews, max_length 512, LoRA
+r=16 on c_attn/c_proj, bf16 base under autocast) go through each variant per round; rounds
+alternate the variants' order; the first round is a warm-up and not counted. Reported: the median
+seconds per row over the timed rounds, its spread, and each variant's loss and LoRA gradients
+against the reference ("hf": the model's own loss, as the Trainer computes it).
+
+Variants:
+  hf          model(**batch).loss (full logits, transformers' ForCausalLM loss), micro-batch 1
+  fused       loraflow.lm_loss: head + cross-entropy fused in chunks, targets only, micro-batch 1
+  hf-mb2/4    hf at micro-batch 2 / 4 (the same rows; bigger matrix products, more activations)
+  fused-mb2/4 fused at micro-batch 2 / 4
+  compile     torch.compile(model) (inductor, CPU) of hf; its first call (the compile) timed apart
+
+    .venv/bin/python bench/train_step_ab.py --variants hf,fused,hf-mb2,fused-mb4 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ROWS = 4
+
+
+def setup(arch: str, max_length: int, precision: str):
+    from train_throughput import loraflow_settings, write_reviews
+    from transformers import AutoTokenizer
+
+    from loraflow import modeling
+    from loraflow.data import PackedCollator, prepare_dataset
+    from loraflow.demo.tiny_models import make_gpt2_model_dir
+
+    tmp = Path(tempfile.mkdtemp())
+    model_dir = make_gpt2_model_dir(tmp / arch, arch)
+    import os
+
+    os.environ["LORAFLOW_HOME"] = str(tmp / "home")
+    settings = loraflow_settings(model_dir, write_reviews(tmp / "data"), tmp / "out", max_length, 1, 1, 1, precision)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prepared = prepare_dataset(settings, tokenizer)
+    resolved = modeling.resolve_precision(settings.training, settings.model)
+    model = modeling.apply_lora(modeling.load_base_model(settings, resolved), settings.lora)
+    model.train()
+    rows = [prepared.train[i] for i in range(ROWS)]
+    return model, PackedCollator(modeling.pad_token_id(tokenizer)), rows, resolved
+
+
+def make_step(name: str, model, collator, rows):
+    import torch
+
+    from loraflow import lm_loss
+
+    mb = int(name.split("-mb")[1]) if "-mb" in name else 1
+    batches = [collator(rows[i:i + mb]) for i in range(0, len(rows), mb)]
+    n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    lm = model.get_base_model()
+    body, head = lm.base_model, lm.get_output_embeddings()
+    compiled = torch.compile(model) if name.startswith("compile") else None
+
+    def step() -> float:
+        total = 0.0
+        for b in batches:
+            if name.startswith("fused"):
+                h = body(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).last_hidden_state
+                loss = lm_loss.summed_loss(h, head.weight, b["labels"]) / n_targets
+            else:
+                out = (compiled or model)(**b, num_items_in_batch=torch.tensor(n_targets))
+                loss = out.loss
+            loss.backward()
+            total += float(loss)
+        return total
+
+    return step
+
+
+def lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--variants", default="hf,fused")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds including the untimed first")
+    parser.add_argument("--profile", action="store_true", help="top operators of one hf step (torch.profiler)")
+    args = parser.parse_args()
+
+    import torch
+
+    from loraflow.modeling import autocast
+
+    model, collator, rows, precision = setup(args.arch, args.max_length, args.precision)
+    print(f"DialoGPT-{args.arch}/{args.max_length}, {precision.name} (base {precision.model_dtype}), "
+          f"{ROWS} packed rows per round, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    names = args.variants.split(",")
+    steps, times, losses, grads, first = {}, {n: [] for n in names}, {}, {}, {}
+    with autocast(precision):
+        for n in names:
+            t = time.perf_counter()
+            steps[n] = make_step(n, model, collator, rows)
+            first[n] = time.perf_counter() - t
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            steps[names[0]]()  # warm
+            model.zero_grad(set_to_none=True)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps[names[0]]()
+            model.zero_grad(set_to_none=True)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+        for r in range(args.rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            line = f"round {r + 1}/{args.rounds}:"
+            for n in order:
+                model.zero_grad(set_to_none=True)
+                torch.manual_seed(1234)  # the same dropout masks for every variant
+                t = time.perf_counter()
+                loss = steps[n]()
+                dt = time.perf_counter() - t
+                if r == 0:
+                    first[n] += dt
+                    losses[n], grads[n] = loss, lora_grads(model)
+                else:
+                    times[n].append(dt / ROWS)
+                line += f"  {n} {dt / ROWS:.3f} s/row"
+            print(line, flush=True)
+    ref = names[0]
+    print(f"\n{'variant':<12}{'s/row':>8}{'spread':>8}{'vs ' + ref:>10}{'first round s':>15}{'loss':>10}"
+          f"{'grad rel err':>14}")
+    for n in names:
+        med = statistics.median(times[n])
+        spread = (max(times[n]) - min(times[n])) / med if len(times[n]) > 1 else 0.0
+        num = sum(float((grads[n][k] - grads[ref][k]).float().norm() ** 2) for k in grads[ref]) ** 0.5
+        den = sum(float(grads[ref][k].float().norm() ** 2) for k in grads[ref]) ** 0.5
+        print(f"{n:<12}{med:>8.3f}{spread:>8.0%}{statistics.median(times[ref]) / med:>9.2f}x{first[n]:>15.1f}"
+              f"{losses[n]:>10.4f}{num / den:>14.2e}")
+
+
+if __name__ == "__main__":
+    main()
