@@ -11,6 +11,7 @@ The systems of one run are all started, then measured one after the other for ea
 that the machine's drift hits them alike. Systems: `batched` is `loraflow serve` as it ships (one generation loop, every adapter in one
 batch, `--max-batch 16`); `one-at-a-time` is the same server with `--max-batch 1`, which admits a
 request only when the previous one has finished (the behaviour of the service before batching);
+`batched-fp32` is `batched` with `LORAFLOW_CPU_BF16=0` (an fp32 base where the CPU would give bf16);
 `previous` runs the service of an older checkout (`git archive <commit> src | tar -x -C DIR`, then
 `--previous-src DIR/src`), which hosts one adapter; `transformers-serve` is
 `transformers serve --continuous-batching` on `loraflow export --merged` of the first adapter (it
@@ -130,7 +131,7 @@ def run_cell(url: str, models: list[str], clients: int, args, mover=None) -> dic
             "p50_s": round(pct(lat, 50), 3), "p95_s": round(pct(lat, 95), 3), "latency_n": len(lat), "moves": moves}
 
 
-SYSTEMS = ("one-at-a-time", "batched", "previous", "transformers-serve")
+SYSTEMS = ("one-at-a-time", "batched", "batched-fp32", "previous", "transformers-serve")
 
 
 def main() -> int:
@@ -139,7 +140,7 @@ def main() -> int:
                         help=f"comma-separated, measured alternately cell by cell: {', '.join(SYSTEMS)}")
     parser.add_argument("--adapters", default="1,4,16", help="K values, comma-separated")
     parser.add_argument("--clients", default="1,4,16", help="C values, comma-separated")
-    parser.add_argument("--duration", type=float, default=20.0, help="measured seconds per (system, K, C)")
+    parser.add_argument("--duration", type=float, default=40.0, help="measured seconds per (system, K, C)")
     parser.add_argument("--warmup", type=float, default=4.0, help="seconds of load before each window")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--shape", default="small", choices=["tiny", "small", "medium"], help="GPT-2 shape")
@@ -164,6 +165,7 @@ def main() -> int:
     import torch
 
     from loraflow.demo.s3server import LocalS3Server, free_port
+    from loraflow.modeling import cpu_bf16
     from loraflow.demo.tiny_models import make_gpt2_model_dir
     from loraflow.registry import publish_adapter, set_alias
     from loraflow.settings import load_settings
@@ -171,6 +173,7 @@ def main() -> int:
     print(f"# {', '.join(systems)}: GPT-2 {args.shape} (random weights), prompt {PROMPT!r}, "
           f"max_tokens {args.max_tokens}, greedy; {args.duration:.0f} s window after {args.warmup:.0f} s warm-up, "
           f"systems alternated cell by cell; torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"native bf16: {cpu_bf16().native} ({cpu_bf16().evidence}), "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
     with tempfile.TemporaryDirectory(prefix="loraflow-bench-load-") as tmp:
         tmp = Path(tmp)
@@ -237,6 +240,8 @@ class Server:
                 self.models = [None]
             else:
                 cmd += ["--max-batch", "1" if system == "one-at-a-time" else "16", "--max-loaded", str(max(k, 8))]
+                if system == "batched-fp32":  # the machine's bf16 detection overridden: an fp32 base
+                    env["LORAFLOW_CPU_BF16"] = "0"
         self.started = time.monotonic()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -263,7 +268,7 @@ class Server:
                         moves += 1
                 return moves
         row = run_cell(self.url, self.models, c, args, mover)
-        if self.system in ("batched", "one-at-a-time"):
+        if self.system in ("batched", "batched-fp32", "one-at-a-time"):
             info = httpx.get(f"{self.url}/v1/adapter", timeout=30).json()
             row["peak_batch"] = info["scheduler"]["peak_batch"]
             if moving:
