@@ -5,19 +5,20 @@ model lock (swap work goes between steps, see serving.model):
 
 1. waiting sequences are admitted while the batch has room (`max_batch`): their prompts are run
    together in one forward (left-padded), which yields their first token and their KV cache;
-2. that cache is merged into the batch's (rows left-padded to one length, concatenated);
+2. that cache is written into free rows of the batch's preallocated cache buffers;
 3. one decode forward runs every row of the batch, one token each, each row with its own adapter
-   (PEFT's mixed-adapter batches, `adapter_names=[...]`);
+   (PEFT's mixed-adapter batches, `adapter_names=[...]`), writing one column of the buffers in place;
 4. rows that finished (max_tokens, an end token, a stop string) leave the batch.
 
 So requests join and leave at step granularity (continuous batching). Why this design on a CPU:
 a decode step of one row reads every weight once for a single token and is bound by memory
 bandwidth, so batching rows costs little more than one; a paged KV cache (vLLM) saves memory
-copies at the price of custom attention kernels, which torch's CPU build does not have. Here the
-batch keeps one padded cache tensor per layer; joining and leaving copy it (index_select, pad),
-and columns every remaining row has as padding are trimmed. A row's output equals its output
-alone because its padding is masked out of attention and its positions count only its own tokens
-(`position_ids` from the attention mask), as in `generate` with left padding.
+at the price of custom attention kernels, which torch's CPU build does not have. Here the batch
+keeps one buffer per layer with a row per sequence (`Batch`): no step copies a running row's
+cache (transformers' DynamicCache concatenates the whole cache into a new tensor every step, and
+merging joiners into it copied every row again). A row's output equals its output alone because
+the columns that are not its tokens are masked out of attention and its positions count only
+its own tokens (`position_ids` from the attention mask), as in `generate` with left padding.
 
 `max_batch=1` admits a sequence only when the batch is empty: one request at a time, the
 behaviour of the service before this scheduler (kept for comparison, `loraflow serve --max-batch 1`).
@@ -26,6 +27,7 @@ behaviour of the service before this scheduler (kept for comparison, `loraflow s
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import queue
 import threading
@@ -163,33 +165,118 @@ class _Cache:
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         return [[layer.keys, layer.values] for layer in cache.layers]
 
-    @staticmethod
-    def build(tensors):
-        from transformers import DynamicCache
 
-        return DynamicCache([tuple(kv) for kv in tensors])
+@functools.cache
+def _slot_layer_class():
+    """A transformers cache layer over the batch's preallocated buffers (defined on first use:
+    transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SlotLayer(DynamicLayer):
+        """One layer's keys and values in the batch's buffers: `update` writes the step's new column in
+        place and hands attention a view of the columns in use, where DynamicLayer would torch.cat
+        the whole cache into a new tensor every step."""
+
+        def __init__(self, batch: Batch, index: int) -> None:
+            super().__init__()
+            self.batch, self.index, self.is_initialized = batch, index, True
+
+        def view(self) -> None:
+            """The columns written so far (what get_seq_length and the mask sizes read)."""
+            b = self.batch
+            self.keys = b._k[self.index][:len(b.rows), :, b.start:b.width]
+            self.values = b._v[self.index][:len(b.rows), :, b.start:b.width]
+            self.device = self.keys.device
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            b, n, w = self.batch, len(self.batch.rows), self.batch.width
+            q = key_states.shape[-2]
+            b._k[self.index][:n, :, w:w + q] = key_states
+            b._v[self.index][:n, :, w:w + q] = value_states
+            self.keys = b._k[self.index][:n, :, b.start:w + q]
+            self.values = b._v[self.index][:n, :, b.start:w + q]
+            return self.keys, self.values
+
+    return SlotLayer
 
 
 class Batch:
-    """Rows being generated together: their sequences, one KV cache (a padded tensor pair per
-    layer), the attention mask over it. The caller holds the model lock."""
+    """Rows being generated together: their sequences and their KV cache, held in preallocated
+    buffers (per layer, keys and values of rows x heads x columns x head_dim, and a mask of rows x
+    columns) that steps write into in place. Row i of the buffers is `rows[i]`. A decode step writes
+    column `width` of every row; a joiner's prompt goes into a free row, its last column at
+    `width - 1` (or from column 0 when it is longer than `width`: the running rows then have masked
+    columns up to it); a finished row is replaced by the last row (one row copied). Columns no
+    row uses any more are skipped (`start`); when the columns run out, every row's columns are
+    packed to the left into larger buffers (one copy, every ~`width` steps). So a step copies no
+    running row's cache. Invariant: a row's mask is 0 at every column that is not its own token.
+    The caller holds the model lock."""
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int = 1) -> None:
         self.rows: list[Sequence] = []
-        self._kv: list[list] | None = None
+        self.capacity_rows = rows  # grown if more join
+        self._k: list | None = None
+        self._v: list | None = None
         self._mask = None
+        self._cache = None  # transformers Cache over the buffers
+        self.start = self.width = 0
 
     def clear(self) -> list[Sequence]:
-        rows, self.rows, self._kv, self._mask = self.rows, [], None, None
+        rows, self.rows = self.rows, []
+        self.start = self.width = 0
+        if self._mask is not None:
+            self._mask.zero_()
         return rows
+
+    def _reserve(self, rows: int, columns: int, prompt: int = 0, like=None) -> None:
+        """Room for `rows` rows and `columns` more columns past max(`width`, `prompt`); reallocates
+        (packing every row's columns to the left) when there is none. `like`: a prefill's per-layer
+        (keys, values), the shapes and dtype of a first allocation."""
+        import torch
+
+        if (self._mask is not None and rows <= self._mask.shape[0]
+                and max(self.width, prompt) + columns <= self._mask.shape[1]):
+            return
+        n = len(self.rows)
+        if self._mask is None:
+            layers = [(k.shape[1:2] + k.shape[3:], v.shape[1:2] + v.shape[3:], k.dtype, k.device) for k, v in like]
+            used, order = 0, None
+        else:
+            layers = [(k.shape[1:2] + k.shape[3:], v.shape[1:2] + v.shape[3:], k.dtype, k.device)
+                      for k, v in zip(self._k, self._v)]
+            mask = self._mask[:n, self.start:self.width]
+            used = int(mask.sum(-1).max()) if n else 0
+            # Each row's own columns, in order, right-aligned in `used` columns (stable sort: masked first).
+            order = torch.sort(mask.to(torch.int8), dim=-1, stable=True).indices[:, mask.shape[1] - used:]
+        self.capacity_rows = max(rows, self.capacity_rows, self._mask.shape[0] if self._mask is not None else 0)
+        cols = max(used, prompt) + columns + max(64, used)  # geometric: packing is amortized over many steps
+        device = layers[0][3]
+        new_k = [torch.zeros((self.capacity_rows, hk[0], cols, hk[1]), dtype=dt, device=device) for hk, _, dt, _ in layers]
+        new_v = [torch.zeros((self.capacity_rows, hv[0], cols, hv[1]), dtype=dt, device=device) for _, hv, dt, _ in layers]
+        new_mask = torch.zeros((self.capacity_rows, cols), dtype=torch.bool, device=device)
+        if order is not None and n and used:
+            for old, new in ((self._k, new_k), (self._v, new_v)):
+                for o, nw in zip(old, new):
+                    idx = order[:, None, :, None].expand(n, o.shape[1], used, o.shape[3])
+                    nw[:n, :, :used] = o[:n, :, self.start:self.width].gather(2, idx)
+            new_mask[:n, :used] = self._mask[:n, self.start:self.width].gather(1, order)
+        self._k, self._v, self._mask = new_k, new_v, new_mask
+        self.start, self.width = 0, used
+        layer = _slot_layer_class()
+        from transformers.cache_utils import Cache
+
+        self._cache = Cache(layers=[layer(self, i) for i in range(len(layers))])
+
+    def _restart(self) -> None:
+        """`start`: the first column some row uses."""
+        used = self._mask[:len(self.rows), :self.width].any(0).nonzero()
+        self.start = int(used[0]) if len(used) else self.width
 
     def prefill(self, model, new: list[Sequence], eos: set[int]) -> list[Sequence]:
         """Run the new sequences' prompts (left-padded, one forward), take their first tokens and
-        merge their cache into the batch's; returns the sequences that finished."""
+        write their cache into free rows; returns the sequences that finished."""
         import torch
-        import torch.nn.functional as F
 
-        cache = _Cache(model)
         width = max(len(seq.prompt_ids) for seq in new)
         pad = min(eos) if eos else 0  # any id: padded positions are masked out
         ids = torch.tensor([[pad] * (width - len(s.prompt_ids)) + s.prompt_ids for s in new], device=model.device)
@@ -197,57 +284,68 @@ class Batch:
                             device=model.device)
         out = forward(model, input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                       adapter_names=[s.entry.slot for s in new], use_cache=True, logits_to_keep=1)
-        kv = cache.tensors(out)
+        kv = _Cache(model).tensors(out)
         tokens = _sample(out.logits[:, -1], new)
         done = [seq._push(t, eos) or seq.cancelled for seq, t in zip(new, tokens)]
-        if self.rows:
-            # Align both groups on the right: the shorter one gets padding columns on the left.
-            old_len, new_len = self._mask.shape[1], mask.shape[1]
-            total = max(old_len, new_len)
-
-            def left(t, n):
-                return F.pad(t, (0, 0, n, 0)) if n else t
-
-            kv = [[torch.cat([left(a, total - old_len), left(b, total - new_len)], dim=0) for a, b in zip(old, nw)]
-                  for old, nw in zip(self._kv, kv)]
-            mask = torch.cat([F.pad(self._mask, (total - old_len, 0)), F.pad(mask, (total - new_len, 0))], dim=0)
-        self.rows, self._kv, self._mask = [*self.rows, *new], kv, mask
-        return self._retire([False] * (len(self.rows) - len(new)) + done)
+        n, j = len(self.rows), len(new)
+        self._reserve(n + j, 1, prompt=width, like=kv)
+        first = max(self.width - width, 0)
+        for (k, v), bk, bv in zip(kv, self._k, self._v):
+            bk[n:n + j, :, first:first + width] = k
+            bv[n:n + j, :, first:first + width] = v
+        self._mask[n:n + j] = False
+        self._mask[n:n + j, first:first + width] = mask.bool()
+        self.rows = [*self.rows, *new]
+        self.width = max(self.width, width)
+        self.start = min(self.start, first) if n else first
+        return self._retire([False] * n + done)
 
     def decode(self, model, eos: set[int]) -> list[Sequence]:
         """One token for every row, each with its own adapter; returns the sequences that finished."""
         import torch
 
-        cache = _Cache(model)
-        last = torch.tensor([[seq.generated[-1]] for seq in self.rows], device=model.device)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)
+        n = len(self.rows)
+        self._reserve(n, 1)
+        for layer in self._cache.layers:
+            layer.view()
+        self._mask[:n, self.width] = True
+        mask = self._mask[:n, self.start:self.width + 1]
+        last = torch.tensor([[seq.generated[-1]] for seq in self.rows], device=self._mask.device)
         out = forward(model, input_ids=last, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                       adapter_names=[seq.entry.slot for seq in self.rows], use_cache=True,
-                      **{cache.kwarg: cache.build(self._kv)})
-        self._kv, self._mask = cache.tensors(out), mask
+                      **{_Cache(model).kwarg: self._cache})
+        self.width += 1
         tokens = _sample(out.logits[:, -1], self.rows)
         return self._retire([seq._push(t, eos) or seq.cancelled for seq, t in zip(self.rows, tokens)])
 
     def _retire(self, done: list[bool]) -> list[Sequence]:
+        """Finished rows leave: the last rows move into their places (their buffers rows copied)."""
         import torch
 
         if not any(done):
             return []
         finished = [seq for seq, d in zip(self.rows, done) if d]
-        keep = [i for i, d in enumerate(done) if not d]
         for seq in finished:
             if seq.finish_reason is None:  # cancelled by its consumer
                 seq._finish("cancelled")
+        keep = [i for i, d in enumerate(done) if not d]
         if not keep:
             self.clear()
             return finished
-        index = torch.tensor(keep, device=self._mask.device)
-        mask = self._mask.index_select(0, index)
-        # Columns that are padding in every remaining row carry nothing: drop them.
-        first = int(mask.any(dim=0).nonzero()[0])
-        self._mask = mask[:, first:]
-        self._kv = [[t.index_select(0, index)[:, :, first:] for t in kv] for kv in self._kv]
-        self.rows = [self.rows[i] for i in keep]
+        n = len(keep)
+        # Rows staying beyond the first n move into the holes the leaving rows left among the first n.
+        src = [i for i in keep if i >= n]
+        dst = [i for i in range(n) if done[i]]
+        if src:
+            s = torch.tensor(src, device=self._mask.device)
+            d = torch.tensor(dst, device=self._mask.device)
+            for buf in (*self._k, *self._v):
+                cols = buf[:, :, self.start:self.width]
+                cols.index_copy_(0, d, cols.index_select(0, s))
+            self._mask.index_copy_(0, d, self._mask.index_select(0, s))
+        by_row = dict(zip(dst, src))
+        self.rows = [self.rows[by_row.get(i, i)] for i in range(n)]
+        self._restart()
         return finished
 
 
@@ -294,7 +392,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
-        self.batch = Batch()
+        self.batch = Batch(max_batch)
         self.steps = 0
         self.peak_batch = 0
 
