@@ -224,6 +224,40 @@ def test_a_killed_node_is_resumed_from_rank_0s_stored_checkpoint(one_process, s3
     assert difference <= ATOL
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_a_node_stops_its_torchrun_and_ranks(s3_server, no_dropout_model_dir, imdb_data_dir, tmp_path):
+    """Kubernetes stops a pod by SIGTERM to its PID 1, the launcher alone (not its process group):
+    torchrun and the rank must stop with it, and the node say so in one line, not train on
+    orphaned under PID 1."""
+    import psutil
+
+    from loraflow.checkpoints import latest_checkpoint
+
+    bucket = create_bucket(s3_server, "mn-c-")
+    settings = _two_nodes(_settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir,
+                                    gradient_accumulation_steps=1, save_steps=1, max_steps=400), _free_port())
+    nodes = _start(tmp_path, settings, "mn-run-c", "c")
+    try:
+        deadline = time.monotonic() + 180
+        while latest_checkpoint(settings.storage, "mn-run-c") is None:  # the ranks are training
+            assert time.monotonic() < deadline and all(n.proc.poll() is None for n in nodes), \
+                "\n\n".join(n.text()[-3000:] for n in nodes)
+            time.sleep(0.05)
+        node = nodes[0]
+        below = psutil.Process(node.proc.pid).children(recursive=True)  # torchrun and its rank
+        assert len(below) >= 2, [p.cmdline() for p in below]
+        os.kill(node.proc.pid, signal.SIGTERM)
+        code = node.proc.wait(60)
+        assert code == 130, node.text()[-3000:]
+        assert "RunStopped: node 0 of run mn-run-c stopped by SIGTERM" in node.text()
+        gone, alive = psutil.wait_procs(below, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for n in nodes:
+            n.kill()
+
+
 # --- the engine: a Kubernetes Indexed Job, rendered and checked without a cluster ----------------
 
 RUN_KEY = "0b7e6a6c-5d1e-4a39-9d7a-2f3c1e0a9b11"  # a flow run id

@@ -105,10 +105,14 @@ def _prepare_out(out: Path, settings: Settings) -> Path:
 
 def _run_torchrun(cmd: list[str], out: Path, timeout_s: float | None) -> None:
     """Run torchrun, rank 0's lines into the logger; TrainingError naming the first failed rank."""
+    from loraflow.stopping import die_with_parent
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     tail: list[str] = []
+    # torchrun gets SIGTERM (and stops its ranks) when this thread dies, even by SIGKILL: a launcher
+    # killed without unwinding must not leave a node training under PID 1.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            text=True, bufsize=1, env=env)
+                            text=True, bufsize=1, env=env, preexec_fn=die_with_parent)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -234,6 +238,7 @@ def _node_main(argv: list[str]) -> int:
     from loraflow.errors import LoraflowError
     from loraflow.log import setup_console
     from loraflow.settings import Settings
+    from loraflow.stopping import stop_on_signals
 
     parser = argparse.ArgumentParser(prog="python -m loraflow.launch node",
                                      description="one node of a multi-node training run (torchrun, c10d rendezvous)")
@@ -254,7 +259,11 @@ def _node_main(argv: list[str]) -> int:
             settings = Settings.model_validate_json(spec)
         except ValueError as exc:
             raise ConfigError(f"{where}: not a valid run spec: {str(exc).splitlines()[0]}") from None
-        run_node(settings, args.run_key, Path(args.output), node_rank=args.node_rank)
+        # A pod is stopped by SIGTERM to this process (its PID 1): unwind like Ctrl-C, so that
+        # torchrun and the ranks are stopped too, and say so in one line.
+        with stop_on_signals(f"node {args.node_rank} of run {args.run_key}",
+                             "checkpoints it stored are kept: the nodes started again resume from them"):
+            run_node(settings, args.run_key, Path(args.output), node_rank=args.node_rank)
     except LoraflowError as exc:
         message = f"{type(exc).__name__}: {exc}"
         log.error("%s", message)

@@ -44,7 +44,7 @@ def stage() -> str:
     return _stage
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -70,7 +70,7 @@ def _session_server_class():
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, **server_env,
                      **get_current_settings().to_environment_variables(exclude_unset=True)},
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=die_with_parent,
             )
 
         def stop(self) -> None:
