@@ -137,6 +137,9 @@ class TurnTaker:
             return time.perf_counter()
 
         def wait_turn(step: int) -> None:
+            if step == 0 and not taker.ready:
+                taker.ready = True
+                print("READY", flush=True)  # loaded and about to train: the parent may measure now
             line = sys.stdin.readline()
             if line.strip() != "go":
                 raise SystemExit(f"turn-taking: expected 'go', got {line!r}")
@@ -153,7 +156,7 @@ class TurnTaker:
                     wait_turn(state.global_step)
 
         self.callback = _CB()
-        self.t0, self.step0 = 0.0, 0
+        self.t0, self.step0, self.ready = 0.0, 0, False
 
 
 def run_seed(model_dir: Path, max_length: int, steps: int, device: str, per_turn: int, micro_batch: int = 4) -> dict:
@@ -356,6 +359,9 @@ class Live:
         tail = self.log_path.read_text()[-4000:]
         raise SystemExit(f"{self.name} worker ended ({self.proc.returncode}) without {prefix.strip()}:\n{tail}")
 
+    def wait_ready(self) -> None:
+        self._read("READY")
+
     def turn(self) -> float:
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
@@ -444,6 +450,8 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
         stacks.append(Live(f"lf {other}", f"loraflow-{other}", [*common, "--precision", other], log_dir, mb,
                            which_worker="loraflow"))
     n_turns = math.ceil(args.steps / args.steps_per_turn)
+    for s in stacks:  # the first rates are measured with no stack still loading (it would take the cores)
+        s.wait_ready()
     print(f"   measuring matrix-product rates ({', '.join(gemm_rates_names(args.device))})", flush=True)
     gemm_before = gemm_rates(args.device)
     try:
