@@ -322,3 +322,107 @@ def test_a_bad_output_folder_is_refused_before_anything_is_prepared(tiny_setting
     with pytest.raises(ConfigError, match="a-file is a file, not a folder"):
         run_local(tiny_settings(), output_dir=blocker / "run")
     assert loads.since(before) == {}  # nothing read, tokenised or loaded
+
+
+# ------------------------------------------------------------------------------ the fused loss
+
+
+def _packed_batch(tiny_settings, rows: int):
+    from transformers import AutoTokenizer
+
+    from loraflow import modeling
+    from loraflow.data import PackedCollator, prepare_dataset
+
+    settings = tiny_settings()
+    tokenizer = AutoTokenizer.from_pretrained(settings.model.name_or_path)
+    prepared = prepare_dataset(settings, tokenizer)
+    collator = PackedCollator(modeling.pad_token_id(tokenizer))
+    # Rows of unequal length (padding), each holding two documents (position ids restart mid-row).
+    packed = []
+    for i in range(rows):
+        ids = prepared.train[i]["input_ids"][:len(prepared.train[i]["input_ids"]) - 5 * i]
+        cut = len(ids) // 3
+        packed.append({"input_ids": ids, "position_ids": [*range(cut), *range(len(ids) - cut)]})
+    return settings, collator(packed)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_loss_equals_the_models_own_loss_and_gradients(tiny_settings, precision):
+    """lm_loss on packed rows (several documents per row, padding) against transformers' own
+    ForCausalLM loss with the Trainer's normalisation (num_items_in_batch): the same value and the
+    same LoRA gradients, in fp32 tightly, in bf16 (bf16 base under autocast) within bf16 rounding."""
+    import torch
+
+    from loraflow import lm_loss, modeling
+    from loraflow.training import _body_and_head, fused_loss_applies
+
+    settings, batch = _packed_batch(tiny_settings, 3)
+    assert int((batch["labels"] == -100).sum()) >= 3 * 2 + 5 + 10  # two document starts a row, padding
+    p = modeling.Precision("cpu", precision, "float32" if precision == "fp32" else "bfloat16")
+    model = modeling.apply_lora(modeling.load_base_model(settings, p), settings.lora)
+    model.eval()  # no dropout: the two passes see the same network
+    assert fused_loss_applies(model, p) is None
+    n = (batch["labels"][:, 1:] != -100).sum()
+    body, head = _body_and_head(model)
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        with modeling.autocast(p):
+            if fused:
+                hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
+                loss = lm_loss.summed_loss(hidden, head.weight, batch["labels"], chunk=16) / n  # many chunks
+            else:
+                loss = model(**batch, num_items_in_batch=n).loss
+        loss.backward()
+        return float(loss), {k: v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    (ref, ref_grads), (ours, our_grads) = run(False), run(True)
+    tol = 1e-5 if precision == "fp32" else 1e-2
+    assert abs(ours - ref) <= tol * abs(ref), (ours, ref)
+    flat = lambda g: torch.cat([g[k].flatten().float() for k in sorted(g)])  # noqa: E731
+    rel = float((flat(our_grads) - flat(ref_grads)).norm() / flat(ref_grads).norm())
+    assert rel <= (1e-4 if precision == "fp32" else 2e-2), rel
+
+
+def test_fused_loss_trains_the_same_adapter(tiny_settings, tmp_path, caplog):
+    """training.fused_loss on and off: the same steps give the same losses and the same adapter
+    files, keys, dtypes and (to fp32 rounding) values."""
+    import torch
+
+    from loraflow.training import train_adapter
+
+    runs = {}
+    for fused in ("true", "false"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loraflow"):
+            runs[fused] = train_adapter(tiny_settings("training.max_steps=3", f"training.fused_loss={fused}"),
+                                        output_dir=tmp_path / fused)
+        assert not any("training.fused_loss" in r.getMessage() for r in caplog.records)  # no fallback on GPT-2
+    on, off = runs["true"], runs["false"]
+    assert {p.name for p in on.adapter_dir.iterdir()} == {p.name for p in off.adapter_dir.iterdir()}
+    assert json.loads((on.adapter_dir / "adapter_config.json").read_text()) == \
+        json.loads((off.adapter_dir / "adapter_config.json").read_text())
+    a, b = _adapter_tensors(on.adapter_dir), _adapter_tensors(off.adapter_dir)
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype == torch.float32 for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5)
+    assert on.train_tokens == off.train_tokens
+    assert abs(on.final_loss - off.final_loss) <= 1e-4 * off.final_loss, (on.final_loss, off.final_loss)
+
+
+def test_fused_loss_falls_back_where_the_head_is_not_plain(tiny_settings):
+    """A head that is trained, or logits that are not the head applied to the last hidden state
+    (here: a scaling hook, as some architectures scale or soft-cap logits), keep the model's loss."""
+    from loraflow import modeling
+    from loraflow.training import _body_and_head, fused_loss_applies
+
+    settings = tiny_settings()
+    p = modeling.Precision("cpu", "fp32", "float32")
+    model = modeling.apply_lora(modeling.load_base_model(settings, p), settings.lora)
+    _, head = _body_and_head(model)
+    handle = head.register_forward_hook(lambda module, inputs, output: output * 0.5)
+    assert "not its output head" in fused_loss_applies(model, p)
+    handle.remove()
+    assert fused_loss_applies(model, p) is None
+    head.weight.requires_grad_(True)
+    assert fused_loss_applies(model, p) == "the output head is trained"

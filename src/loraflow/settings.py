@@ -154,6 +154,11 @@ class TrainingSettings(_Section):
         description=("auto: bf16 on GPUs that have it, fp16 on older GPUs (if fp16); on a CPU bf16 where it "
                      "multiplies bf16 natively (avx512_bf16, AMX), else fp32."))
     gradient_checkpointing: bool = False
+    fused_loss: bool = Field(
+        True, json_schema_extra=role("inert"),
+        description=("Output head and cross-entropy fused in chunks (loraflow.lm_loss): the same loss without "
+                     "materialising every position's logits; falls back to the model's own loss where it does "
+                     "not apply. false: always the model's own loss."))
     logging_steps: int = Field(25, gt=0, json_schema_extra=role("inert"))
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", json_schema_extra=role("inert"))
 

@@ -158,6 +158,24 @@ def _trainer_class():
                 # its boundaries given (see PackedCollator); the block mask of SDPA/eager needs none.
                 self.data_collator = dataclasses.replace(self.data_collator, flatten=True)
 
+        fused_loss = False  # training.fused_loss, where fused_loss_applies() said it may
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # The fused head + cross-entropy (loraflow.lm_loss) in place of the model's own loss,
+            # which would materialise every position's logits. Only in one process (DDP's forward
+            # hooks must see the wrapped model's forward) and when nothing needs the logits.
+            if not self.fused_loss or return_outputs or "labels" not in inputs or self.args.world_size != 1:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from loraflow import lm_loss
+
+            body, head = _body_and_head(model)
+            labels = inputs["labels"]
+            hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+            total = lm_loss.summed_loss(hidden, head.weight, labels)
+            # As the model's loss with num_items_in_batch: normalised over the whole accumulated batch.
+            n = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
+            return total / n
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             labels = inputs.get("labels")
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -209,6 +227,43 @@ def _trainer_class():
                 self._pending = None  # an interrupted run leaves nothing half-counted for the next
 
     return _LoraflowTrainer
+
+
+def _body_and_head(model):
+    """The transformer body (its output: the states the head reads) and the output head of a peft
+    causal LM."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return lm.base_model, lm.get_output_embeddings()
+
+
+def fused_loss_applies(model, precision: Precision) -> str | None:
+    """Why loraflow.lm_loss cannot stand in for `model`'s own loss, or None when it can: the head
+    must be frozen and read the body's last hidden state unchanged. Checked on a few tokens against
+    the model's own logits, so a head with extra arithmetic (logit scaling or soft-capping in some
+    architectures) falls back to the model's loss instead of training on a different one."""
+    import torch
+
+    from loraflow.modeling import autocast
+
+    try:
+        body, head = _body_and_head(model)
+        weight = head.weight
+    except (AttributeError, NotImplementedError) as exc:
+        return f"no body/output head to fuse ({type(exc).__name__})"
+    if weight.requires_grad:
+        return "the output head is trained"
+    ids = torch.arange(8, device=weight.device)[None] % weight.shape[0]
+    with torch.no_grad(), autocast(precision):
+        was_training = model.training
+        model.eval()
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits.float()
+            ours = (body(input_ids=ids, use_cache=False).last_hidden_state.to(weight.dtype) @ weight.T).float()
+        finally:
+            model.train(was_training)
+    if logits.shape != ours.shape or not torch.allclose(logits, ours, rtol=2e-2, atol=2e-2):
+        return "the model's logits are not its output head applied to its last hidden state"
+    return None
 
 
 def progress_callback_class():
@@ -445,6 +500,11 @@ def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
         callbacks=[progress, resume_rules.marker_callback(identity), *(callbacks or [])],
     )
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLogger says it better
+    if settings.training.fused_loss:
+        why_not = fused_loss_applies(model, precision)
+        trainer.fused_loss = why_not is None
+        if why_not:
+            log.info("training.fused_loss: using the model's own loss: %s", why_not)
     train_tokens = (prepared.stats.get("train") or {}).get("tokens")
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     log.info("training %s on %d rows (%s tokens), %s on %s: each optimizer step learns from %d rows of up to %d "
