@@ -52,7 +52,12 @@ def installed(tmp_path_factory) -> Path:
 
 
 def _env(bin_dir: Path, home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "LORAFLOW_", "PREFECT_API"))}
+    # A fresh host: none of this machine's loraflow, AWS or Prefect settings. LORAFLOW_CPU_BF16 stays:
+    # the suite pins fp32 on every processor (conftest). The demo's 2-step adapter is gated against
+    # the base; in bf16 (a CPU with avx512_bf16) it scored 41.06 against the base's 41.02 perplexity
+    # and was not promoted: a gain that small is decided by the precision, not by the code under test.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "LORAFLOW_", "PREFECT_API")) or k == "LORAFLOW_CPU_BF16"}
     # The project venv's bin/ after the new one: console scripts of the reused packages (rclone).
     env["PATH"] = f"{bin_dir}:{Path(sys.executable).parent}:{env.get('PATH', '')}"
     env["LORAFLOW_HOME"] = str(home)

@@ -131,8 +131,10 @@ def one_process(s3_server, no_dropout_model_dir, imdb_data_dir, tmp_path_factory
 
     root = tmp_path_factory.mktemp("one-process")
     bucket = create_bucket(s3_server, "mn-ref-")
+    # The model's own loss, as under DDP: training.fused_loss applies in one process only, and its
+    # chunked sums round differently from the loss the two nodes compute (beyond ATOL after 8 steps).
     settings = _settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir, gradient_accumulation_steps=2,
-                         save_strategy="no")
+                         save_strategy="no", fused_loss=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each node's rank (OMP_NUM_THREADS=1): the same matmul kernels
     old_home = os.environ.get("LORAFLOW_HOME")
