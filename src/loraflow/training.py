@@ -162,9 +162,8 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # The fused head + cross-entropy (loraflow.lm_loss) in place of the model's own loss,
-            # which would materialise every position's logits. Only in one process (DDP's forward
-            # hooks must see the wrapped model's forward) and when nothing needs the logits.
-            if not self.fused_loss or return_outputs or "labels" not in inputs or self.args.world_size != 1:
+            # which would materialise every position's logits; only when nothing needs the logits.
+            if not self.fused_loss or return_outputs or "labels" not in inputs:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             from loraflow import lm_loss
 
@@ -501,7 +500,10 @@ def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
     )
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLogger says it better
     if settings.training.fused_loss:
-        why_not = fused_loss_applies(model, precision)
+        # One process only: DDP's forward hooks must see the wrapped model's forward, which the
+        # fused path (body, then head) goes around.
+        why_not = (f"{args.world_size} processes (DDP)" if args.world_size != 1
+                   else fused_loss_applies(model, precision))
         trainer.fused_loss = why_not is None
         if why_not:
             log.info("training.fused_loss: using the model's own loss: %s", why_not)
