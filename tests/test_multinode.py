@@ -105,10 +105,15 @@ class Node:
         return self.log.read_text()
 
 
-def _start(tmp_path: Path, settings, run_key: str, tag: str) -> list[Node]:
+def _start(tmp_path: Path, settings, run_key: str, tag: str, ranks=(0, 1)) -> list[Node]:
+    """The nodes, started in the order of `ranks`; returned by node rank."""
     spec = tmp_path / f"spec-{tag}.json"
     spec.write_text(settings.model_dump_json())
-    return [Node(tmp_path, f"{tag}-node{rank}", spec, run_key, rank) for rank in (0, 1)]
+    nodes = {}
+    for rank in ranks:
+        nodes[rank] = Node(tmp_path, f"{tag}-node{rank}", spec, run_key, rank)
+        time.sleep(0.5)  # so that each node's torchrun gets a higher pid than the one before
+    return [nodes[rank] for rank in sorted(nodes)]
 
 
 def _lora_tensors(adapter_dir: Path) -> dict:
@@ -193,13 +198,19 @@ def test_two_nodes_rendezvous_and_train_the_one_process_adapter(one_process, s3_
 @pytest.mark.timeout(300)
 def test_a_killed_node_is_resumed_from_rank_0s_stored_checkpoint(one_process, s3_server, no_dropout_model_dir,
                                                                  imdb_data_dir, tmp_path):
+    import psutil
+
     from loraflow.checkpoints import latest_checkpoint
     from loraflow.launch import fetch_trained
 
     bucket = create_bucket(s3_server, "mn-b-")
     settings = _two_nodes(_settings(s3_server, bucket, no_dropout_model_dir, imdb_data_dir,
                                     gradient_accumulation_steps=1, save_steps=1), _free_port())
-    first = _start(tmp_path, settings, "mn-run-b", "first")
+    # torchrun's rendezvous numbers the nodes by (address, pid): node 1 started first takes global
+    # rank 0, so the node to be lost is not the one that serves the rendezvous store. That is the
+    # case where nothing but the rank's own tie to its agent stops it (a lost node 0 takes the
+    # store with it, which fails every rank).
+    first = _start(tmp_path, settings, "mn-run-b", "first", ranks=(1, 0))
     deadline = time.monotonic() + 180
     while latest_checkpoint(settings.storage, "mn-run-b") is None:
         assert time.monotonic() < deadline and all(n.proc.poll() is None for n in first), \
@@ -207,10 +218,20 @@ def test_a_killed_node_is_resumed_from_rank_0s_stored_checkpoint(one_process, s3
         time.sleep(0.05)
     # The node of global rank 0 (the one that writes whole checkpoints) is lost with its disk.
     victim = next(n for n in first if any(n.out.glob("checkpoint-*/adapter_model.safetensors")))
+    assert victim is first[1], "global rank 0 was expected on node 1 (started first)"
+    below = psutil.Process(victim.proc.pid).children(recursive=True)  # torchrun and its rank
+    assert len(below) >= 2, [p.cmdline() for p in below]
     victim.kill()
+    # torchrun starts its rank in a session of its own, out of reach of the kill: the rank must
+    # die with its agent, not train on under PID 1 (the survivor would then wait at torchrun's
+    # exit barrier for an agent that is gone, instead of failing).
+    gone, alive = psutil.wait_procs(below, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    at_kill = latest_checkpoint(settings.storage, "mn-run-b").step
     survivor = next(n for n in first if n is not victim)
     assert survivor.wait(150) != 0  # its rank lost its peer: the node fails, it does not hang
     stored = latest_checkpoint(settings.storage, "mn-run-b")
+    assert stored.step == at_kill, "a checkpoint was stored after its node was lost"
     assert 0 < stored.step < MAX_STEPS, f"the kill came too late: step {stored.step} was stored"
 
     # The engine starts the nodes again, on empty disks: the checkpoint can only come from storage.

@@ -280,10 +280,27 @@ def _termination_message(message: str) -> None:
         path.write_text(message[:4000])
 
 
+def _die_with_agent() -> None:
+    """A rank stops when its torchrun agent dies. torchrun starts each rank in a session of its
+    own, so a node lost by `kill -9` of its process group (the launcher and torchrun) left the rank
+    running under PID 1: still in the collective with the other nodes, uploading checkpoints, and
+    holding the surviving node's agent at its exit barrier (seen: a survivor waited out its 150 s
+    test budget instead of failing). SIGKILL: its agent, the only one that would hear a cleaner
+    exit, is gone. Racy only if the agent died before this line runs (the rank then keeps the
+    old behaviour)."""
+    import signal
+
+    from loraflow.stopping import die_with_parent
+
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_parent(signal.SIGKILL, os.getppid())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["node"]:
         return _node_main(argv[1:])
+    _die_with_agent()
 
     from torch.distributed.elastic.multiprocessing.errors import record
 

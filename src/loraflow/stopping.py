@@ -44,12 +44,18 @@ def stage() -> str:
     return _stage
 
 
-def die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Have the kernel send this process `sig` when the thread that started it dies, even by
+    SIGKILL (PR_SET_PDEATHSIG): run in the child, as a preexec_fn or first thing in its main.
+    `parent`: the pid that must still be the parent once the tie is made; if it is not, the parent
+    died first, nothing would ever fire, and the child is sent `sig` at once."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+        if parent is not None and os.getppid() != parent:
+            os.kill(os.getpid(), sig)
 
 
 def _session_server_class():

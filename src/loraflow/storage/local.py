@@ -102,17 +102,12 @@ def _tie_to(parent: int):
     dies, even by `kill -9`, so a killed `loraflow storage serve` (or any process with an embedded
     store) leaves no server behind under PID 1. SIGKILL, not SIGTERM: rclone answers SIGTERM with a
     graceful shutdown that waits for open requests, and nobody is left to insist."""
+    import functools
+    import signal
 
-    def tie() -> None:
-        import ctypes
-        import signal
+    from loraflow.stopping import die_with_parent
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        if os.getppid() != parent:  # the parent died before the tie was made: nothing would fire
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return tie
+    return functools.partial(die_with_parent, signal.SIGKILL, parent)
 
 
 class _Spawner:
