@@ -211,3 +211,20 @@ def test_a_transfer_that_fails_is_one_line_naming_the_object_and_leaves_nothing(
         assert not [p for p in cache.rglob("*") if p.is_file()], list(cache.rglob("*"))
     finally:
         server.stop()
+
+
+def test_a_connection_lost_mid_body_is_named_as_such():
+    """What botocore raises when a server dies mid-download (which of them depends on where in the
+    body it dies: the race the test above cannot pin) reads as a lost connection, with the object."""
+    from botocore.exceptions import ConnectionClosedError, IncompleteReadError, ResponseStreamingError
+
+    from loraflow.storage.client import describe_client_error
+
+    for exc in (IncompleteReadError(actual_bytes=1081856, expected_bytes=25166088),
+                ResponseStreamingError(error="Connection broken: IncompleteRead"),
+                ConnectionClosedError(endpoint_url="http://127.0.0.1:1")):
+        line = str(describe_client_error(exc, "download s3://b/m/versions/v/adapter_model.safetensors"))
+        assert line.startswith("download s3://b/m/versions/v/adapter_model.safetensors: ") and \
+            "closed the connection mid-transfer" in line, line
+    assert "(1081856 of 25166088 bytes received)" in str(describe_client_error(
+        IncompleteReadError(actual_bytes=1081856, expected_bytes=25166088), "x"))

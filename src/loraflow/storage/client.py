@@ -190,10 +190,13 @@ def describe_client_error(exc: Exception, what: str) -> StorageError:
     """One clear line for a boto/botocore failure; never includes credentials."""
     from botocore.exceptions import (
         ClientError,
+        ConnectionClosedError,
         ConnectTimeoutError,
         EndpointConnectionError,
+        IncompleteReadError,
         NoCredentialsError,
         ReadTimeoutError,
+        ResponseStreamingError,
     )
 
     if isinstance(exc, DeadlineExceeded):
@@ -210,6 +213,13 @@ def describe_client_error(exc: Exception, what: str) -> StorageError:
     if isinstance(exc, EndpointConnectionError):
         return StorageError(f"{what}: cannot reach the storage endpoint {exc.kwargs.get('endpoint_url', '?')} "
                             f"(gave up after {TOTAL_ATTEMPTS} attempts)")
+    if isinstance(exc, IncompleteReadError):
+        # The server went away mid-body (s3transfer retried first): say so, with how far it got.
+        return StorageError(f"{what}: the storage endpoint closed the connection mid-transfer "
+                            f"({exc.kwargs.get('actual_bytes', '?')} of {exc.kwargs.get('expected_bytes', '?')} "
+                            "bytes received)")
+    if isinstance(exc, (ResponseStreamingError, ConnectionClosedError)):
+        return StorageError(f"{what}: the storage endpoint closed the connection mid-transfer")
     if isinstance(exc, NoCredentialsError):
         return StorageError(f"{what}: no credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
                             "storage.profile, or give the machine a role")
