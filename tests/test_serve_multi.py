@@ -115,6 +115,62 @@ def test_mixed_adapter_batch_equals_each_request_alone(tmp_path, tiny_model_dir,
     assert all(e.in_flight == 0 for e in entries[:3])
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_row_adapters_compute_what_peft_mixed_batches_compute(tmp_path, tiny_model_dir, precision):
+    """serving.row_adapters (all of a batch's adapters in one product per layer) against PEFT's own
+    mixed-adapter batch on the same rows: adapters of different ranks and scalings, one on a subset
+    of the layers, and base rows; logits equal to rounding (fp32: 1e-5; bf16, autocast as served:
+    PEFT's order and dtypes, so bit-equal here). A DoRA adapter in the batch sends the whole
+    batch through PEFT's path (its logits are PEFT's exactly)."""
+    import torch
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraflow.modeling import autocast, precision_of
+    from loraflow.serving import row_adapters, scheduler
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16 if precision == "bf16" else None)
+    a0 = lora_dir(tmp_path / "a0", tiny_model_dir, ["c_attn", "c_proj"], r=2, seed=0)
+    model = PeftModel.from_pretrained(base, str(a0), adapter_name="a0").eval()
+    model.load_adapter(str(lora_dir(tmp_path / "a1", tiny_model_dir, ["c_attn", "c_proj"], r=8, seed=1)), "a1")
+    model.load_adapter(str(lora_dir(tmp_path / "a2", tiny_model_dir, ["c_attn"], r=4, seed=2)), "a2")
+    torch.manual_seed(3)  # a DoRA adapter (PEFT's mixed batches refuse DoRA)
+    model.add_adapter("d", LoraConfig(r=4, target_modules=["c_attn"], use_dora=True, init_lora_weights=False))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if precision == "bf16":
+        for name, p in model.named_parameters():
+            if "lora" in name:
+                p.data = p.data.float()  # peft's fp32 adapters beside a bf16 base, as the service loads them
+    ids = torch.randint(0, 1000, (6, 7))
+    names = ["a1", "a0", "__base__", "a2", "a1", "a2"]
+
+    def peft(rows):
+        with torch.inference_mode(), autocast(precision_of(model)):
+            return model(input_ids=ids[:len(rows)], adapter_names=rows).logits.float()
+
+    with torch.inference_mode(), autocast(precision_of(model)):  # as scheduler.forward calls it
+        ours = row_adapters.forward(model, names, {"input_ids": ids})
+    assert ours is not None  # this path, not PEFT's
+    ours = ours.logits.float()
+    layers = len(model.base_model.model.transformer.h)  # c_attn, attn.c_proj and mlp.c_proj are LoRA layers
+    assert len([m for m in model.modules() if m._forward_hooks]) == 3 * layers
+    theirs = peft(names)
+    if precision == "fp32":
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.equal(ours, theirs)
+    # Each adapter changes its rows (the comparison above is not between two base models).
+    with torch.inference_mode(), autocast(precision_of(model)), model.disable_adapter():
+        plain = model(input_ids=ids).logits.float()
+    assert all((ours[i] - plain[i]).abs().max() > 1e-3 for i, n in enumerate(names) if n != "__base__")
+    assert torch.equal(ours[2], plain[2]) or precision == "fp32" and torch.allclose(ours[2], plain[2], atol=1e-5)
+    # DoRA: not covered, so the batch goes to PEFT, which refuses mixed batches with DoRA in one line.
+    assert row_adapters.forward(model, ["a1", "d"], {"input_ids": ids[:2]}) is None
+    with pytest.raises(ValueError, match="DoRA"):
+        scheduler.forward(model, input_ids=ids[:2], adapter_names=["a1", "d"])
+
+
 class Served:
     """`loraflow serve`'s service and app in this process, on a real port, over a real S3 server."""
 

@@ -143,14 +143,18 @@ class Sequence:
         return len(self.generated)
 
 
-def forward(model, **inputs):
-    """Every forward of generation goes through here (one place for precision contexts)."""
+def forward(model, *, adapter_names: list[str], **inputs):
+    """Every forward of generation goes through here (one place for precision contexts): row i
+    through adapter `adapter_names[i]`, all of them in one product per layer (serving.row_adapters)
+    where it covers them, else PEFT's mixed-adapter batch."""
     import torch
 
     from loraflow.modeling import autocast, precision_of
+    from loraflow.serving import row_adapters
 
     with torch.inference_mode(), autocast(precision_of(model)):
-        return model(**inputs)
+        out = row_adapters.forward(model, adapter_names, inputs)
+        return out if out is not None else model(adapter_names=adapter_names, **inputs)
 
 
 class _Cache:
