@@ -1,7 +1,8 @@
 """Many adapters under load: `loraflow serve` with K adapters of one base, C concurrent clients,
 fixed prompt and output lengths; generated tokens/s and latency p50/p95 per (K, C).
 
-    .venv/bin/python bench/serve_load.py --systems one-at-a-time,batched --adapters 1,4,16 --clients 1,4,16
+    .venv/bin/python bench/serve_load.py --systems one-at-a-time,batched,transformers-serve --adapters 1,4,16 \
+        --clients 1,4,16 --duration 20 --warmup 3 --move-aliases   # one-model systems: at K=1 only
     mkdir -p /tmp/prev && git archive 4bebce3~1 src | tar -x -C /tmp/prev   # the service before batching
     .venv/bin/python bench/serve_load.py --systems one-at-a-time,batched,previous --previous-src /tmp/prev/src --adapters 1
     .venv/bin/python bench/serve_load.py --systems transformers-serve --adapters 1
@@ -132,6 +133,7 @@ def run_cell(url: str, models: list[str], clients: int, args, mover=None) -> dic
 
 
 SYSTEMS = ("one-at-a-time", "batched", "batched-fp32", "previous", "transformers-serve")
+ONE_MODEL = ("previous", "transformers-serve")
 
 
 def main() -> int:
@@ -155,8 +157,8 @@ def main() -> int:
     cs = [int(c) for c in args.clients.split(",")]
     if unknown := [x for x in systems if x not in SYSTEMS]:
         parser.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
-    if ("previous" in systems or "transformers-serve" in systems) and ks != [1]:
-        parser.error("previous and transformers-serve serve one model: --adapters 1")
+    if (set(systems) & set(ONE_MODEL)) and 1 not in ks:
+        parser.error("previous and transformers-serve serve one model: include 1 in --adapters")
     if "previous" in systems and not args.previous_src:
         parser.error("previous needs --previous-src DIR (src/ of an older checkout)")
     if args.move_aliases and "batched" not in systems:
@@ -192,7 +194,9 @@ def main() -> int:
                    **{f"LORAFLOW_STORAGE__{k.upper()}": str(v) for k, v in server.storage_overrides("bench").items()
                       if v is not None}}
             for k in ks:
-                servers = [Server(system, k, args, tmp, env, free_port()) for system in systems]
+                # A system that serves one model is measured at K=1 only (more adapters change nothing for it).
+                servers = [Server(system, k, args, tmp, env, free_port()) for system in systems
+                           if k == 1 or system not in ONE_MODEL]
                 try:
                     for srv in servers:
                         srv.ready()
