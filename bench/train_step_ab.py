@@ -14,6 +14,13 @@ Variants:
   fused-mb2/4 fused at micro-batch 2 / 4
   compile     torch.compile(model) (inductor, CPU) of hf; the first round (the compile) reported apart
   compile-fused  torch.compile of the transformer body, then fused
+  fused-cpudrop  fused with loraflow.dropout (CPU masks from 64-bit draws, attention dropout outside
+              SDPA's math kernel), as training.cpu_dropout switches it on; the other variants run with
+              torch's dropout. Other masks, so its loss and gradients differ from the reference's by
+              the dropout's noise, not by an error.
+
+The demo's shape: --model ~/.cache/loraflow/models/SmolLM2-135M-Instruct --targets q_proj,k_proj,v_proj,o_proj
+--max-length 256.
 
     .venv/bin/python bench/train_step_ab.py --variants hf,fused,hf-mb2,fused-mb4 --rounds 4
 """
@@ -32,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 ROWS = 4
 
 
-def setup(arch: str, max_length: int, precision: str):
+def setup(arch: str, max_length: int, precision: str, model_path: str | None = None, targets: str | None = None):
     from train_throughput import loraflow_settings, write_reviews
     from transformers import AutoTokenizer
 
@@ -41,11 +48,13 @@ def setup(arch: str, max_length: int, precision: str):
     from loraflow.demo.tiny_models import make_gpt2_model_dir
 
     tmp = Path(tempfile.mkdtemp())
-    model_dir = make_gpt2_model_dir(tmp / arch, arch)
+    model_dir = Path(model_path).expanduser() if model_path else make_gpt2_model_dir(tmp / arch, arch)
     import os
 
     os.environ["LORAFLOW_HOME"] = str(tmp / "home")
-    settings = loraflow_settings(model_dir, write_reviews(tmp / "data"), tmp / "out", max_length, 1, 1, 1, precision)
+    extra = (f"lora.target_modules=[{targets}]",) if targets else ()
+    settings = loraflow_settings(model_dir, write_reviews(tmp / "data"), tmp / "out", max_length, 1, 1, 1, precision,
+                                 extra)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prepared = prepare_dataset(settings, tokenizer)
     resolved = modeling.resolve_precision(settings.training, settings.model)
@@ -72,6 +81,7 @@ def make_step(name: str, model, collator, rows):
         body = torch.compile(body)
 
     def step() -> float:
+        set_cpu_dropout(model, "cpudrop" in name)
         total = 0.0
         for b in batches:
             if "fused" in name:
@@ -87,6 +97,21 @@ def make_step(name: str, model, collator, rows):
     return step
 
 
+def set_cpu_dropout(model, on: bool) -> None:
+    """loraflow.dropout on or off for the next step (use_cpu_dropout switches one way only)."""
+    from torch import nn
+
+    from loraflow import dropout
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            m.__class__ = dropout.CpuDropout if on else nn.Dropout
+    base = model.get_base_model()
+    if dropout.attention_dropout_p(base.config) > 0:
+        dropout.register_attention()
+        base.set_attn_implementation(dropout.ATTENTION if on else "sdpa")
+
+
 def lora_grads(model):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -94,6 +119,8 @@ def lora_grads(model):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="small")
+    parser.add_argument("--model", help="a model directory instead of --arch's random DialoGPT")
+    parser.add_argument("--targets", help="LoRA target modules, comma-separated (default: the recipe's)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--variants", default="hf,fused")
@@ -105,8 +132,9 @@ def main() -> None:
 
     from loraflow.modeling import autocast
 
-    model, collator, rows, precision = setup(args.arch, args.max_length, args.precision)
-    print(f"DialoGPT-{args.arch}/{args.max_length}, {precision.name} (base {precision.model_dtype}), "
+    model, collator, rows, precision = setup(args.arch, args.max_length, args.precision, args.model, args.targets)
+    label = Path(args.model).name if args.model else f"DialoGPT-{args.arch}"
+    print(f"{label}/{args.max_length}, {precision.name} (base {precision.model_dtype}), "
           f"{ROWS} packed rows per round, torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     names = args.variants.split(",")
     steps, times, losses, grads, first = {}, {n: [] for n in names}, {}, {}, {}

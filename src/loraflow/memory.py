@@ -177,7 +177,9 @@ def scores_materialised(attn_implementation: str, device: str, attention_dropout
     when dropout is on (its flash kernel has none, so it falls back to the math kernel)."""
     if attn_implementation == "eager":
         return True
-    return attn_implementation == "sdpa" and device != "cuda" and attention_dropout > 0
+    from loraflow.modeling import CPU_DROPOUT_ATTENTION
+
+    return attn_implementation in ("sdpa", CPU_DROPOUT_ATTENTION) and device != "cuda" and attention_dropout > 0
 
 
 def estimate_training_memory(shape: ModelShape, *, batch: int, seq: int, compute_bytes: int, weight_bytes: int,
@@ -189,9 +191,16 @@ def estimate_training_memory(shape: ModelShape, *, batch: int, seq: int, compute
     h, i, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
     c_i = C_I_GATED if shape.gated_mlp else C_I_GELU
     per_layer = b * s * p * (C_H * h + c_i * i)
+    from loraflow.modeling import CPU_DROPOUT_ATTENTION
+
     scores = 0
     if scores_materialised(attn_implementation, device, shape.attention_dropout):
-        score_bytes = (4 if p == 4 else 4 + p) + ((2 * p + 1) if shape.attention_dropout > 0 else 0)
+        if attn_implementation == CPU_DROPOUT_ATTENTION:
+            # loraflow.dropout's attention keeps the fp32 softmax, its 1-byte mask and the dropped
+            # probabilities in the compute dtype (the fp32 probabilities are the same tensor in fp32).
+            score_bytes = 4 + (p if p == 2 else 4) + 1
+        else:
+            score_bytes = (4 if p == 4 else 4 + p) + ((2 * p + 1) if shape.attention_dropout > 0 else 0)
         scores = b * shape.heads * s * s * score_bytes
     if gradient_checkpointing:
         activations, layer_scores = L * b * s * h * p + per_layer, scores
@@ -239,7 +248,10 @@ def check_training_memory(settings: Settings, precision: Precision, config, *,
     if shape is None:
         return None  # an architecture this estimate does not know: no claim either way
     seq, batch = settings.data.max_length, settings.training.per_device_train_batch_size
-    attn = attn_implementation or default_attention(precision)
+    from loraflow.modeling import training_attention
+
+    attn = training_attention(attn_implementation or default_attention(precision), precision.device,
+                              shape.attention_dropout, cpu_dropout=settings.training.cpu_dropout)
     estimate = estimate_training_memory(
         shape, batch=batch, seq=seq, compute_bytes=4 if precision.name == "fp32" else 2,
         weight_bytes=_BYTES.get(precision.model_dtype, 4), attn_implementation=attn, device=precision.device,

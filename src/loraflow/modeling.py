@@ -432,6 +432,18 @@ def pad_token_id(tokenizer) -> int:
     return int(pid)
 
 
+CPU_DROPOUT_ATTENTION = "loraflow_cpu_sdpa"  # registered with transformers by loraflow.dropout
+
+
+def training_attention(attn_implementation: str, device: str, attention_dropout: float, *, cpu_dropout: bool) -> str:
+    """The attention a loaded model trains with: on a CPU with attention dropout and
+    training.cpu_dropout, loraflow.dropout's in place of SDPA (which there falls back to its math
+    kernel). loraflow.dropout switches to it; the memory estimate counts its scores."""
+    if cpu_dropout and device == "cpu" and attn_implementation == "sdpa" and attention_dropout > 0:
+        return CPU_DROPOUT_ATTENTION
+    return attn_implementation
+
+
 def attention_implementation(precision: Precision) -> str | None:
     """The attention kernel for packed rows (per-document position ids, no attention mask).
 

@@ -489,6 +489,12 @@ def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
     set_seed(settings.training.seed)  # LoRA's A matrices are initialised from this
     model = modeling.apply_lora(model, settings.lora, base_model=settings.model.name_or_path,
                                 revision=settings.model.revision)
+    if settings.training.cpu_dropout and precision.device == "cpu":
+        from loraflow.dropout import use_cpu_dropout
+
+        line = use_cpu_dropout(model)
+        if line:
+            log.info("%s", line)
     recipe.adopt(model)
 
     progress = progress_callback_class()(out)

@@ -1,0 +1,142 @@
+"""loraflow.dropout: CPU dropout masks from 64-bit draws (four masks a draw), the attention that
+uses them, and a training run that switches to them."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+
+def test_masks_drop_p_keep_the_mean_and_follow_the_seed():
+    import torch
+
+    from loraflow.dropout import keep_mask
+
+    torch.manual_seed(0)
+    for p in (0.05, 0.1, 0.5):
+        mask, scale = keep_mask((1000, 4001), p)  # an odd count: the last draw is used in part
+        assert mask.dtype == torch.bool and mask.shape == (1000, 4001)
+        kept = mask.flatten().float()
+        assert abs(float(1 - kept.mean()) - p) < 0.002, p
+        # Each of a draw's four 16-bit words drops at the rate, and neighbours are independent.
+        words = kept[: kept.numel() // 4 * 4].view(-1, 4)
+        assert all(abs(float(1 - words[:, i].mean()) - p) < 0.004 for i in range(4)), p
+        both = float(((1 - kept[:-1]) * (1 - kept[1:])).mean())
+        assert abs(both - p * p) < 0.002, (p, both)
+        # The survivors' scale is the inverse of the exact keep probability: the mean is kept.
+        assert abs(scale * round((1 - p) * 65536) / 65536 - 1) < 1e-12
+    torch.manual_seed(3)
+    a, b = keep_mask((4096,), 0.1)[0], keep_mask((4096,), 0.1)[0]
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((4096,), 0.1)[0], a) and not torch.equal(a, b)
+    assert not keep_mask((64,), 1.0)[0].any() and keep_mask((64,), 1e-7)[0].all()
+
+
+def test_dropout_backward_applies_the_forward_mask_and_eval_is_identity():
+    import torch
+
+    from loraflow.dropout import CpuDropout
+
+    x = torch.randn(64, 128, requires_grad=True)
+    layer = CpuDropout(0.3).train()
+    y = layer(x)
+    y.backward(torch.ones_like(y))
+    kept = y != 0
+    scale = 65536 / round(0.7 * 65536)
+    assert 0.25 < 1 - float(kept.float().mean()) < 0.35
+    assert torch.allclose(y[kept], x[kept] * scale)
+    assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], scale)) and not x.grad[~kept].any()
+    layer.eval()
+    assert torch.equal(layer(x), x)
+
+
+def _all_dropout(model, p: float) -> None:
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+    config = model.get_base_model().config
+    for name in ("attn_pdrop", "attention_dropout"):
+        if hasattr(config, name):
+            setattr(config, name, p)
+    for m in model.modules():
+        if hasattr(m, "attention_dropout"):
+            m.attention_dropout = p  # Llama reads its module attribute
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_path, arch):
+    """In training mode with a drop probability below 2^-17 (every mask element kept, scale 1) the
+    model through loraflow's attention (math with the mask, bf16-style products, GQA by repeat) gives
+    the logits SDPA gives without dropout, on packed rows (two documents a row, padding): the
+    block mask, the causal mask and grouped KV heads are handled as SDPA handles them."""
+    import torch
+
+    from loraflow import dropout, modeling
+    from test_serve_multi import tiny_llama_dir
+    from test_training import _packed_batch
+
+    settings, batch = _packed_batch(tiny_settings, 3)
+    if arch == "llama":
+        settings = tiny_settings(f"model.name_or_path={tiny_llama_dir(tmp_path / 'llama')}",
+                                 "lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")
+    p = modeling.Precision("cpu", "fp32", "float32")
+    model = modeling.apply_lora(modeling.load_base_model(settings, p), settings.lora)
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
+    model.eval()
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    _all_dropout(model, 1e-7)
+    line = dropout.use_cpu_dropout(model)
+    assert line and "attention dropout" in line, line
+    assert model.get_base_model().config._attn_implementation == dropout.ATTENTION
+    assert all(type(m).__name__ != "Dropout" for m in model.modules())
+    model.train()
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    assert (ours - reference).abs().max() < 1e-4, float((ours - reference).abs().max())
+    # With a real probability the attention weights are dropped: the output changes, and the seed
+    # reproduces it.
+    _all_dropout(model, 0.5)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        a = model(**inputs).logits
+        torch.manual_seed(5)
+        b = model(**inputs).logits
+    assert torch.equal(a, b) and (a - reference).abs().max() > 1e-2
+
+
+def test_a_cpu_training_run_uses_the_masks_and_says_so(tiny_settings, tmp_path, caplog):
+    """A run on the CPU says what it switched (the tiny GPT-2's dropout modules and its attention
+    dropout), trains to a finite, falling loss, and writes the same adapter files as before (a
+    dropout holds no state); training.cpu_dropout=false keeps torch's dropout."""
+    from safetensors.torch import load_file
+
+    from loraflow.training import train_adapter
+
+    results = {}
+    for on in ("true", "false"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="loraflow"):
+            results[on] = train_adapter(tiny_settings("training.max_steps=4", f"training.cpu_dropout={on}"),
+                                        output_dir=tmp_path / on)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropout on cpu")]
+        assert len(lines) == (1 if on == "true" else 0), lines
+        if on == "true":
+            assert "attention dropout 0.1" in lines[0], lines[0]
+    for r in results.values():
+        history = [h["loss"] for h in _history(r.history_path)]
+        assert all(h == h for h in history) and history[-1] < history[0], history
+    files = {on: sorted(p.name for p in r.adapter_dir.iterdir()) for on, r in results.items()}
+    assert files["true"] == files["false"]
+    a = load_file(results["true"].adapter_dir / "adapter_model.safetensors")
+    b = load_file(results["false"].adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype == b[k].float().dtype for k in a)
+
+
+def _history(path):
+    from loraflow.training import read_history
+
+    return [h for h in read_history(path) if "loss" in h]
