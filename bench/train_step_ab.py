@@ -18,6 +18,8 @@ Variants:
               SDPA's math kernel), as training.cpu_dropout switches it on; the other variants run with
               torch's dropout. Other masks, so its loss and gradients differ from the reference's by
               the dropout's noise, not by an error.
+  fused-gelu, fused-cpudrop-gelu  with GPT-2's gelu_new as torch's one-kernel tanh GELU, as training
+              does (loraflow.activations); the other variants run transformers' written-out formula.
 
 The demo's shape: --model ~/.cache/loraflow/models/SmolLM2-135M-Instruct --targets q_proj,k_proj,v_proj,o_proj
 --max-length 256.
@@ -82,6 +84,7 @@ def make_step(name: str, model, collator, rows):
 
     def step() -> float:
         set_cpu_dropout(model, "cpudrop" in name)
+        set_fused_gelu(model, "gelu" in name)
         total = 0.0
         for b in batches:
             if "fused" in name:
@@ -110,6 +113,18 @@ def set_cpu_dropout(model, on: bool) -> None:
     if dropout.attention_dropout_p(base.config) > 0:
         dropout.register_attention()
         base.set_attn_implementation(dropout.ATTENTION if on else "sdpa")
+
+
+def set_fused_gelu(model, on: bool) -> None:
+    """GPT-2's gelu_new as torch's one-kernel tanh GELU (loraflow.activations) or as transformers writes it."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if on and type(child) is NewGELUActivation:
+                setattr(parent, name, GELUTanh())
+            elif not on and type(child) is GELUTanh:
+                setattr(parent, name, NewGELUActivation())
 
 
 def lora_grads(model):

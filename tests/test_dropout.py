@@ -122,6 +122,8 @@ def test_a_cpu_training_run_uses_the_masks_and_says_so(tiny_settings, tmp_path, 
         with caplog.at_level(logging.INFO, logger="loraflow"):
             results[on] = train_adapter(tiny_settings("training.max_steps=4", f"training.cpu_dropout={on}"),
                                         output_dir=tmp_path / on)
+        assert any(r.getMessage().startswith("activation: gelu_new as torch's fused tanh GELU in 2 layer")
+                   for r in caplog.records)
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropout on cpu")]
         assert len(lines) == (1 if on == "true" else 0), lines
         if on == "true":

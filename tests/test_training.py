@@ -426,3 +426,34 @@ def test_fused_loss_falls_back_where_the_head_is_not_plain(tiny_settings):
     assert fused_loss_applies(model, p) is None
     head.weight.requires_grad_(True)
     assert fused_loss_applies(model, p) == "the output head is trained"
+
+
+def test_fused_gelu_is_gpt2s_activation(tiny_settings):
+    """loraflow.activations swaps GPT-2's written-out gelu_new for torch's one-kernel tanh GELU in
+    every layer: the same logits (fp32 rounding) and the same LoRA gradients."""
+    import torch
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from loraflow import modeling
+    from loraflow.activations import use_fused_gelu
+
+    settings, batch = _packed_batch(tiny_settings, 2)
+    p = modeling.Precision("cpu", "fp32", "float32")
+    model = modeling.apply_lora(modeling.load_base_model(settings, p), settings.lora)
+    model.eval()
+    layers = model.get_base_model().config.n_layer
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(**batch)
+        out.loss.backward()
+        return out.logits.detach(), {k: v.grad.clone() for k, v in model.named_parameters() if v.requires_grad}
+
+    ref_logits, ref_grads = run()
+    assert use_fused_gelu(model) == layers
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == layers
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    logits, grads = run()
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert all(torch.allclose(grads[k], ref_grads[k], rtol=1e-4, atol=1e-7) for k in grads)
+    assert use_fused_gelu(model) == 0  # nothing left to swap

@@ -15,7 +15,7 @@ Attention dropout is the larger half (12 x 512 x 512 per layer and row) and happ
 the math one (scores upcast to fp32, fp32 matrix products). `attention` below is registered with
 transformers as its own implementation: without dropout (evaluation, generation, Llama-style
 models) it is transformers' SDPA, unchanged; with dropout it computes the same attention with
-bf16 products under autocast, an fp32 softmax and the mask above.
+bf16 products under autocast, a softmax accumulated in fp32 and the mask above.
 
 CUDA keeps torch's dropout (Philox, fused in the kernels): this is for the CPU only.
 """
@@ -72,7 +72,10 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    # The scale goes on the queries and the dropout's 1/(1-p) on the output: [.., s, head_dim]
+    # tensors instead of two more passes over the [.., s, s] scores, forward and backward.
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query * scaling, key.transpose(-1, -2))
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if attention_mask is None and causal and q_len > 1:
@@ -83,9 +86,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    # fp32 softmax, as autocast and SDPA's math kernel both do; the products stay in the compute dtype.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    out = torch.matmul(cpu_dropout(probs, dropout), value)
+    # Softmax in the scores' dtype: torch's CPU kernel accumulates bf16 in fp32 and rounds once, so
+    # the probabilities equal an fp32 softmax cast to bf16 without the two [.., s, s] casts (and
+    # their two in the backward) that softmax(dtype=float32).to(bf16) costs.
+    probs = torch.softmax(scores, dim=-1)
+    mask, keep_scale = keep_mask(probs.shape, dropout)
+    out = torch.matmul(probs * mask, value) * keep_scale
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -40,10 +40,15 @@ def _fused_function():
                 for s in range(0, h.shape[0], chunk):
                     y = targets[s:s + chunk]
                     logits = (h[s:s + chunk] @ w.T).float()
-                    lse = torch.logsumexp(logits, dim=-1)
-                    total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                    # One pass each for the max, exp and sum, all in place on the chunk (logsumexp
+                    # then exp(logits - lse) takes two more over positions x vocabulary).
+                    top = logits.amax(dim=-1, keepdim=True)
+                    target = logits.gather(1, y[:, None]) - top
+                    exps = logits.sub_(top).exp_()
+                    norm = exps.sum(dim=-1, keepdim=True)
+                    total += (norm.log() - target).sum()
                     if grad is not None:
-                        probs = logits.sub_(lse[:, None]).exp_()  # in place: the logits are done with
+                        probs = exps.div_(norm)
                         probs[torch.arange(y.shape[0], device=y.device), y] -= 1.0
                         grad[s:s + chunk] = probs.to(w.dtype) @ w
             ctx.save_for_backward(grad)

@@ -489,6 +489,11 @@ def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
     set_seed(settings.training.seed)  # LoRA's A matrices are initialised from this
     model = modeling.apply_lora(model, settings.lora, base_model=settings.model.name_or_path,
                                 revision=settings.model.revision)
+    from loraflow.activations import use_fused_gelu
+
+    if fused := use_fused_gelu(model):
+        log.info("activation: gelu_new as torch's fused tanh GELU in %d layer(s): the same function in one kernel",
+                 fused)
     if settings.training.cpu_dropout and precision.device == "cpu":
         from loraflow.dropout import use_cpu_dropout
 
