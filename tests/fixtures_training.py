@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,22 @@ def tiny_settings(tiny_overrides):
         return load_settings(overrides=[*tiny_overrides, *more])
 
     return make
+
+
+@pytest.fixture
+def train_on_and_off(tiny_settings, tmp_path, caplog):
+    """run(setting, steps) -> {"true": (TrainResult, log lines), "false": (...)}: the tiny run with a
+    boolean setting on, then off, each in its own output directory."""
+    from loraflow.training import train_adapter
+
+    def run(setting: str, steps: int):
+        runs = {}
+        for value in ("true", "false"):
+            caplog.clear()
+            with caplog.at_level(logging.INFO, logger="loraflow"):
+                result = train_adapter(tiny_settings(f"training.max_steps={steps}", f"{setting}={value}"),
+                                       output_dir=tmp_path / value)
+            runs[value] = (result, [r.getMessage() for r in caplog.records])
+        return runs
+
+    return run

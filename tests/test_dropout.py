@@ -3,8 +3,6 @@ uses them, and a training run that switches to them."""
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 
 
@@ -108,26 +106,20 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     assert torch.equal(a, b) and (a - reference).abs().max() > 1e-2
 
 
-def test_a_cpu_training_run_uses_the_masks_and_says_so(tiny_settings, tmp_path, caplog):
+def test_a_cpu_training_run_uses_the_masks_and_says_so(train_on_and_off):
     """A run on the CPU says what it switched (the tiny GPT-2's dropout modules and its attention
     dropout), trains to a finite, falling loss, and writes the same adapter files as before (a
     dropout holds no state); training.cpu_dropout=false keeps torch's dropout."""
     from safetensors.torch import load_file
 
-    from loraflow.training import train_adapter
-
-    results = {}
-    for on in ("true", "false"):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="loraflow"):
-            results[on] = train_adapter(tiny_settings("training.max_steps=4", f"training.cpu_dropout={on}"),
-                                        output_dir=tmp_path / on)
-        assert any(r.getMessage().startswith("activation: gelu_new as torch's fused tanh GELU in 2 layer")
-                   for r in caplog.records)
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropout on cpu")]
+    runs = train_on_and_off("training.cpu_dropout", 4)
+    for on, (_, messages) in runs.items():
+        assert any(m.startswith("activation: gelu_new as torch's fused tanh GELU in 2 layer") for m in messages)
+        lines = [m for m in messages if m.startswith("dropout on cpu")]
         assert len(lines) == (1 if on == "true" else 0), lines
         if on == "true":
             assert "attention dropout 0.1" in lines[0], lines[0]
+    results = {on: result for on, (result, _) in runs.items()}
     for r in results.values():
         history = [h["loss"] for h in _history(r.history_path)]
         assert all(h == h for h in history) and history[-1] < history[0], history

@@ -384,21 +384,15 @@ def test_fused_loss_equals_the_models_own_loss_and_gradients(tiny_settings, prec
     assert rel <= (1e-4 if precision == "fp32" else 2e-2), rel
 
 
-def test_fused_loss_trains_the_same_adapter(tiny_settings, tmp_path, caplog):
+def test_fused_loss_trains_the_same_adapter(train_on_and_off):
     """training.fused_loss on and off: the same steps give the same losses and the same adapter
     files, keys, dtypes and (to fp32 rounding) values."""
     import torch
 
-    from loraflow.training import train_adapter
-
-    runs = {}
-    for fused in ("true", "false"):
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="loraflow"):
-            runs[fused] = train_adapter(tiny_settings("training.max_steps=3", f"training.fused_loss={fused}"),
-                                        output_dir=tmp_path / fused)
-        assert not any("training.fused_loss" in r.getMessage() for r in caplog.records)  # no fallback on GPT-2
-    on, off = runs["true"], runs["false"]
+    runs = train_on_and_off("training.fused_loss", 3)
+    for _, lines in runs.values():
+        assert not any("training.fused_loss" in line for line in lines)  # no fallback on GPT-2
+    (on, _), (off, _) = runs["true"], runs["false"]
     assert {p.name for p in on.adapter_dir.iterdir()} == {p.name for p in off.adapter_dir.iterdir()}
     assert json.loads((on.adapter_dir / "adapter_config.json").read_text()) == \
         json.loads((off.adapter_dir / "adapter_config.json").read_text())

@@ -159,8 +159,9 @@ class TrainingSettings(_Section):
         description=("Output head and cross-entropy fused in chunks (loraflow.lm_loss): the same loss without "
                      "materialising every position's logits; falls back to the model's own loss where it does "
                      "not apply. false: always the model's own loss."))
+    # Not inert: the same drop rate and mean, but other random draws, so another adapter.
     cpu_dropout: bool = Field(
-        True, json_schema_extra=role("inert"),
+        True,
         description=("On a CPU, dropout masks from 64-bit draws, four masks a draw (loraflow.dropout), and "
                      "attention dropout outside SDPA's math kernel: the same drop rate (to 2^-16) and mean, "
                      "a different random stream. false: torch's dropout. No effect on a GPU."))
