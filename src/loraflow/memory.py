@@ -174,7 +174,8 @@ def lora_parameters(shape: ModelShape, r: int, targets: list[str]) -> int:
 
 def scores_materialised(attn_implementation: str, device: str, attention_dropout: float) -> bool:
     """Does the attention build the b x heads x s x s scores? eager always; torch's CPU SDPA only
-    when dropout is on (its flash kernel has none, so it falls back to the math kernel)."""
+    when dropout is on (its flash kernel has none, so it falls back to the math kernel), and so
+    does loraflow.dropout's attention, which is SDPA itself without dropout."""
     if attn_implementation == "eager":
         return True
     from loraflow.modeling import CPU_DROPOUT_ATTENTION
