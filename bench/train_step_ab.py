@@ -18,6 +18,8 @@ Variants:
               SDPA's math kernel), as training.cpu_dropout switches it on; the other variants run with
               torch's dropout. Other masks, so its loss and gradients differ from the reference's by
               the dropout's noise, not by an error.
+  ...-nocast  PEFT's LoRA layers do not cast their input to the LoRA weights' fp32 (PEFT's own
+              cast_input_dtype_enabled switch): under autocast the LoRA products run in bf16 anyway.
   fused-gelu, fused-cpudrop-gelu  with GPT-2's gelu_new as torch's one-kernel tanh GELU, as training
               does (loraflow.activations); the other variants run transformers' written-out formula.
 
@@ -85,6 +87,9 @@ def make_step(name: str, model, collator, rows):
     def step() -> float:
         set_cpu_dropout(model, "cpudrop" in name)
         set_fused_gelu(model, "gelu" in name)
+        for m in model.modules():
+            if hasattr(m, "cast_input_dtype_enabled"):
+                m.cast_input_dtype_enabled = "nocast" not in name
         total = 0.0
         for b in batches:
             if "fused" in name:
