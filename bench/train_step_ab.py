@@ -23,8 +23,8 @@ Variants:
   fused-gelu, fused-cpudrop-gelu  with GPT-2's gelu_new as torch's one-kernel tanh GELU, as training
               does (loraflow.activations); the other variants run transformers' written-out formula.
 
-The demo's shape: --model ~/.cache/loraflow/models/SmolLM2-135M-Instruct --targets q_proj,k_proj,v_proj,o_proj
---max-length 256.
+The demo's shape (the model directory `loraflow assets demo` or `make demo` builds):
+--model ~/.cache/loraflow/models/SmolLM2-135M-Instruct --targets q_proj,k_proj,v_proj,o_proj --max-length 256
 
     .venv/bin/python bench/train_step_ab.py --variants hf,fused,hf-mb2,fused-mb4 --rounds 4
 """
@@ -106,29 +106,34 @@ def make_step(name: str, model, collator, rows):
 
 
 def set_cpu_dropout(model, on: bool) -> None:
-    """loraflow.dropout on or off for the next step (use_cpu_dropout switches one way only)."""
+    """loraflow.dropout on (as training switches it) or back to torch's dropout and SDPA."""
     from torch import nn
 
     from loraflow import dropout
 
+    if on:
+        dropout.use_cpu_dropout(model)
+        return
     for m in model.modules():
-        if isinstance(m, nn.Dropout) and m.p > 0:
-            m.__class__ = dropout.CpuDropout if on else nn.Dropout
+        if type(m) is dropout.CpuDropout:
+            m.__class__ = nn.Dropout
     base = model.get_base_model()
-    if dropout.attention_dropout_p(base.config) > 0:
-        dropout.register_attention()
-        base.set_attn_implementation(dropout.ATTENTION if on else "sdpa")
+    if base.config._attn_implementation == dropout.ATTENTION:
+        base.set_attn_implementation("sdpa")
 
 
 def set_fused_gelu(model, on: bool) -> None:
-    """GPT-2's gelu_new as torch's one-kernel tanh GELU (loraflow.activations) or as transformers writes it."""
+    """GPT-2's gelu_new as torch's one-kernel tanh GELU (as training swaps it) or as transformers writes it."""
     from transformers.activations import GELUTanh, NewGELUActivation
 
+    from loraflow.activations import use_fused_gelu
+
+    if on:
+        use_fused_gelu(model)
+        return
     for parent in model.modules():
         for name, child in list(parent.named_children()):
-            if on and type(child) is NewGELUActivation:
-                setattr(parent, name, GELUTanh())
-            elif not on and type(child) is GELUTanh:
+            if type(child) is GELUTanh:
                 setattr(parent, name, NewGELUActivation())
 
 
