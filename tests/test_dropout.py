@@ -64,18 +64,21 @@ def _all_dropout(model, p: float) -> None:
             m.attention_dropout = p  # Llama reads its module attribute
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_path, arch):
+@pytest.mark.parametrize("arch,block", [("gpt2", None), ("gpt2", 8), ("llama", 8)])
+def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_path, monkeypatch, arch, block):
     """In training mode with a drop probability below 2^-17 (every mask element kept, scale 1) the
     model through loraflow's attention (math with the mask, bf16-style products, GQA by repeat) gives
     the logits SDPA gives without dropout, on packed rows (two documents a row, padding): the
-    block mask, the causal mask and grouped KV heads are handled as SDPA handles them."""
+    block mask, the causal mask and grouped KV heads are handled as SDPA handles them. With blocks
+    of 8 queries, the blocks skip keys their queries may not see (the causal and document cuts)."""
     import torch
 
     from loraflow import dropout, modeling
     from test_serve_multi import tiny_llama_dir
     from test_training import _packed_batch
 
+    if block:
+        monkeypatch.setattr(dropout, "QUERY_BLOCK", block)
     settings, batch = _packed_batch(tiny_settings, 3)
     if arch == "llama":
         settings = tiny_settings(f"model.name_or_path={tiny_llama_dir(tmp_path / 'llama')}",
@@ -95,6 +98,14 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     with torch.no_grad():
         ours = model(**inputs).logits
     assert (ours - reference).abs().max() < 1e-4, float((ours - reference).abs().max())
+    blocks = dropout._last[2]
+    seq = batch["input_ids"].shape[1]
+    assert blocks[0][:2] == (0, min(dropout.QUERY_BLOCK, seq)) and blocks[-1][1] == seq
+    if block:
+        # Keys after a block's last query are never computed; every row starts its second
+        # document mid-row, so no late block needs all keys (the union over rows still cuts some).
+        assert all(k1 <= q1 for q0, q1, k0, k1, _ in blocks), blocks
+        assert sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1, _ in blocks) < 0.6 * seq * seq, blocks
     # With a real probability the attention weights are dropped: the output changes, and the seed
     # reproduces it.
     _all_dropout(model, 0.5)
