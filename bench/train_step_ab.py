@@ -24,7 +24,8 @@ Variants:
               does (loraflow.activations); the other variants run transformers' written-out formula.
   ...-qbN     cpudrop's attention in blocks of N queries (default loraflow.dropout.QUERY_BLOCK);
               -qb0: one block of all queries over all keys (the whole [s, s] square)
-  ...-mt      cpudrop's mask words from torch's mt19937 (int64 random_) instead of numpy's PCG64
+  ...-unfused cpudrop's masks and attention in torch operations (loraflow.cpu_kernels' reference, the
+              fallback where the C++ kernels cannot be built) instead of the fused kernels
 
 The demo's shape (the model directory `loraflow assets demo` or `make demo` builds):
 --model ~/.cache/loraflow/models/SmolLM2-135M-Instruct --targets q_proj,k_proj,v_proj,o_proj --max-length 256
@@ -44,12 +45,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 ROWS = 4
-
-
-def _defaults():
-    from loraflow import dropout
-
-    return dropout.QUERY_BLOCK, dropout._words
 
 
 def setup(arch: str, max_length: int, precision: str, model_path: str | None = None, targets: str | None = None):
@@ -80,7 +75,7 @@ def setup(arch: str, max_length: int, precision: str, model_path: str | None = N
 def make_step(name: str, model, collator, rows):
     import torch
 
-    from loraflow import dropout, lm_loss
+    from loraflow import cpu_kernels, dropout, lm_loss
 
     mb = int(name.split("-mb")[1]) if "-mb" in name else 1
     batches = [collator(rows[i:i + mb]) for i in range(0, len(rows), mb)]
@@ -93,13 +88,14 @@ def make_step(name: str, model, collator, rows):
     elif name.startswith("compile-fused"):
         body = torch.compile(body)
 
-    default_block, pcg_words = _defaults()  # make_step runs for every variant before any step
+    default_block = dropout.QUERY_BLOCK  # make_step runs for every variant before any step
+    fused = cpu_kernels.kernels()
 
     def step() -> float:
         dropout.QUERY_BLOCK = default_block
         if "-qb" in name:
             dropout.QUERY_BLOCK = int(name.split("-qb")[1].split("-")[0]) or 1 << 30
-        dropout._words = mt_words if "-mt" in name else pcg_words
+        cpu_kernels._state["module"] = None if "-unfused" in name else fused
         set_cpu_dropout(model, "cpudrop" in name)
         set_fused_gelu(model, "gelu" in name)
         for m in model.modules():
@@ -118,12 +114,6 @@ def make_step(name: str, model, collator, rows):
         return total
 
     return step
-
-
-def mt_words(n: int):
-    import torch
-
-    return torch.empty(n, dtype=torch.int64).random_(-(1 << 63), None)
 
 
 def set_cpu_dropout(model, on: bool) -> None:

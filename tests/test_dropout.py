@@ -13,22 +13,58 @@ def test_masks_drop_p_keep_the_mean_and_follow_the_seed():
 
     torch.manual_seed(0)
     for p in (0.05, 0.1, 0.5):
-        mask, scale = keep_mask((1000, 4001), p)  # an odd count: the last draw is used in part
+        mask, scale = keep_mask((1000, 4001), p)
         assert mask.dtype == torch.bool and mask.shape == (1000, 4001)
         kept = mask.flatten().float()
         assert abs(float(1 - kept.mean()) - p) < 0.002, p
-        # Each of a draw's four 16-bit words drops at the rate, and neighbours are independent.
-        words = kept[: kept.numel() // 4 * 4].view(-1, 4)
-        assert all(abs(float(1 - words[:, i].mean()) - p) < 0.004 for i in range(4)), p
+        # Neighbours (consecutive counters) and rows are independent.
         both = float(((1 - kept[:-1]) * (1 - kept[1:])).mean())
         assert abs(both - p * p) < 0.002, (p, both)
+        rows = mask.float()
+        assert abs(float(((1 - rows[:-1]) * (1 - rows[1:])).mean()) - p * p) < 0.002, p
         # The survivors' scale is the inverse of the exact keep probability: the mean is kept.
-        assert abs(scale * round((1 - p) * 65536) / 65536 - 1) < 1e-12
+        assert abs(scale * round((1 - p) * 2**32) / 2**32 - 1) < 1e-12
     torch.manual_seed(3)
     a, b = keep_mask((4096,), 0.1)[0], keep_mask((4096,), 0.1)[0]
     torch.manual_seed(3)
     assert torch.equal(keep_mask((4096,), 0.1)[0], a) and not torch.equal(a, b)
-    assert not keep_mask((64,), 1.0)[0].any() and keep_mask((64,), 1e-7)[0].all()
+    assert not keep_mask((64,), 1.0)[0].any() and keep_mask((64,), 1e-10)[0].all()
+
+
+def test_fused_kernels_compute_the_torch_reference():
+    """The C++ kernels (built here: a compiler is on every machine this runs on) give the masks of
+    loraflow.cpu_kernels.keep bit for bit, the dropout's product bit for bit, the softmax of a
+    block with its bias and mask as torch computes it, and its backward within one rounding."""
+    import torch
+
+    from loraflow import cpu_kernels, dropout
+
+    fused = cpu_kernels.kernels()
+    assert fused is not None, cpu_kernels.status()
+    kept, scale = dropout.keep_level(0.1)
+    seed = -0x0123456789ABCDEF  # seeds are int64 draws; the kernels read their bits as unsigned
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(37, 3001, dtype=dtype)
+        mask = cpu_kernels.keep(seed, torch.arange(x.numel()), kept).view(x.shape)
+        assert torch.equal(fused.dropout(x, seed, kept, scale), dropout._apply_reference(x, seed, kept, scale))
+        assert abs(1 - float(mask.float().mean()) - 0.1) < 0.003
+        scores = torch.randn(2, 3, 40, 70, dtype=dtype)
+        bias = torch.zeros(2, 40, 70, dtype=dtype).masked_fill_(torch.rand(2, 40, 70) < 0.3, torch.finfo(dtype).min)
+        place = (8, 5, 100, 90)  # a block at query 8, key 5 of a 100 x 90 square
+        probs, dropped = fused.softmax_dropout_forward(scores, bias, seed, kept, *place)
+        reference = torch.softmax(scores.float() + bias.float().unsqueeze(1), dim=-1)
+        assert (probs.float() - reference).abs().max() <= (4e-3 if dtype == torch.bfloat16 else 1e-6)
+        block = dropout._block_mask(scores.shape, seed, kept, place)
+        assert torch.equal(dropped, torch.where(block, probs, 0))
+        # The block's mask is the whole square's there: blocks drop what one pass would.
+        whole = dropout._block_mask((2, 3, 100, 90), seed, kept, (0, 0, 100, 90))
+        assert torch.equal(block, whole[:, :, 8:48, 5:75])
+        grad = torch.randn_like(scores)
+        g = torch.where(block, grad, 0).float()
+        p = probs.float()
+        expected = p * (g - (g * p).sum(dim=-1, keepdim=True))
+        got = fused.softmax_dropout_backward(grad, probs, seed, kept, *place).float()
+        assert (got - expected).abs().max() <= (2 ** -8 * expected.abs().max() if dtype == torch.bfloat16 else 1e-6)
 
 
 def test_dropout_backward_applies_the_forward_mask_and_eval_is_identity():
@@ -41,7 +77,7 @@ def test_dropout_backward_applies_the_forward_mask_and_eval_is_identity():
     y = layer(x)
     y.backward(torch.ones_like(y))
     kept = y != 0
-    scale = 65536 / round(0.7 * 65536)
+    scale = 2**32 / round(0.7 * 2**32)
     assert 0.25 < 1 - float(kept.float().mean()) < 0.35
     assert torch.allclose(y[kept], x[kept] * scale)
     assert torch.allclose(x.grad[kept], torch.full_like(x.grad[kept], scale)) and not x.grad[~kept].any()
@@ -66,7 +102,7 @@ def _all_dropout(model, p: float) -> None:
 
 @pytest.mark.parametrize("arch,block", [("gpt2", None), ("gpt2", 8), ("llama", 8)])
 def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_path, monkeypatch, arch, block):
-    """In training mode with a drop probability below 2^-17 (every mask element kept, scale 1) the
+    """In training mode with a drop probability below 2^-33 (every mask element kept, scale 1) the
     model through loraflow's attention (math with the mask, bf16-style products, GQA by repeat) gives
     the logits SDPA gives without dropout, on packed rows (two documents a row, padding): the
     block mask, the causal mask and grouped KV heads are handled as SDPA handles them. With blocks
@@ -89,7 +125,7 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     model.eval()
     with torch.no_grad():
         reference = model(**inputs).logits
-    _all_dropout(model, 1e-7)
+    _all_dropout(model, 1e-10)
     line = dropout.use_cpu_dropout(model)
     assert line and "attention dropout" in line, line
     assert model.get_base_model().config._attn_implementation == dropout.ATTENTION
@@ -98,7 +134,7 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     with torch.no_grad():
         ours = model(**inputs).logits
     assert (ours - reference).abs().max() < 1e-4, float((ours - reference).abs().max())
-    blocks = dropout._last[2]
+    blocks = dropout._last[3]
     seq = batch["input_ids"].shape[1]
     assert blocks[0][:2] == (0, min(dropout.QUERY_BLOCK, seq)) and blocks[-1][1] == seq
     if block:

@@ -1,80 +1,153 @@
-"""Dropout on the CPU at the cost of its multiply, not of its random numbers.
+"""Dropout on the CPU at the cost of one pass over memory, not of a serial random-number draw.
 
 Why this exists: ATen's CPU dropout draws its mask with `bernoulli_`, which on a processor that is
 not Intel's (no MKL VSL path) costs one mt19937 draw and a float conversion per element, serially:
 ~5 ns per element on the 2-core EPYC here, 21.6% of a bf16 training step of DialoGPT-small/512
-(73 masks per row: GPT-2's attention, residual and embedding dropout at 0.1, LoRA's at 0.05). Here
-one 64-bit word makes four masks: its four 16-bit words, each compared with a threshold. The words
-come from numpy's PCG64 (2.1 ns a word here; torch's int64 `random_` takes two mt19937 draws, 5.8
-ns), seeded per mask by one draw from torch's default generator: `set_seed` and the Trainer's
-checkpointed RNG state reproduce every mask. The keep probability is 1 - p rounded to a multiple of
-2^-16 (p = 0.1 drops 6,554/65,536 = 0.100006) and the survivors are scaled by the inverse of that
-probability, held in the activations' dtype as torch's dropout holds its 1/(1-p) (bf16: 1.109375
-for 1/0.9); the attention below applies it to its output in fp32 arithmetic instead.
+(73 masks per row: GPT-2's attention, residual and embedding dropout at 0.1, LoRA's at 0.05), and
+each step around it (mask, cast, scale, multiply) is one more pass over memory. Here each mask is a
+pure function of a seed and the element's index (loraflow.cpu_kernels: SplitMix64 over a counter),
+computed inside the pass that applies it, forward and again backward: nothing is drawn serially or
+stored. The seed is one draw from torch's default generator per mask: `set_seed` and the Trainer's
+checkpointed RNG state reproduce every mask. An element is kept when its 32-bit draw is below
+(1 - p) * 2^32 rounded, and survivors are scaled by the inverse of that exact probability, in fp32
+and rounded once to the activations' dtype.
 
 Attention dropout is the larger half (12 x 512 x 512 per layer and row) and happens inside
 `scaled_dot_product_attention`, which on a CPU with dropout > 0 also leaves its fused kernel for
 the math one (scores upcast to fp32, fp32 matrix products). `attention` below is registered with
 transformers as its own implementation: without dropout (evaluation, generation, Llama-style
 models) it is transformers' SDPA, unchanged; with dropout it computes the same attention with
-bf16 products under autocast, a softmax accumulated in fp32 and the mask above, block of queries
-by block of queries over only the keys the block's mask lets it see (a packed row's causal,
-per-document mask leaves most of the [s, s] square out: nothing is computed, drawn or stored there).
+bf16 products under autocast and one fused pass for bias, softmax (fp32 inside) and mask, block of
+queries by block of queries over only the keys the block's mask lets it see (a packed row's causal,
+per-document mask leaves much of the [s, s] square out: nothing is computed or stored there; each
+element's mask depends on its place in the whole square, so the blocks drop what one pass would).
 
 CUDA keeps torch's dropout (Philox, fused in the kernels): this is for the CPU only.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
+from loraflow import cpu_kernels
 from loraflow.modeling import CPU_DROPOUT_ATTENTION as ATTENTION
 from loraflow.modeling import training_attention
 
-_LEVELS = 1 << 16
+_LEVELS = 1 << 32
 # Queries per block of the attention: fewer keys per block (a causal row's square is cut closer)
 # against more, smaller matrix products; 128 measured best at 512 tokens (bench/train_step_ab.py).
 QUERY_BLOCK = 128
 
 
-def _words(n: int) -> torch.Tensor:
-    """n uniform 64-bit words from a PCG64 stream seeded by one draw of torch's default generator."""
-    seed = int(torch.empty((), dtype=torch.int64).random_(-(1 << 63), None)) & ((1 << 64) - 1)
-    return torch.from_numpy(np.random.PCG64(seed).random_raw(n).view(np.int64))
-
-
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> tuple[torch.Tensor, float]:
-    """A bool mask keeping each element with probability ~1 - p, and the scale that keeps the mean."""
+def keep_level(p: float) -> tuple[int, float]:
+    """(kept, scale): an element survives when its 32-bit draw is below `kept` = (1 - p) * 2^32
+    rounded, and survivors are scaled by 2^32 / kept, the inverse of that exact keep probability."""
     kept = round((1.0 - p) * _LEVELS)
+    return kept, (_LEVELS / kept if kept > 0 else 0.0)
+
+
+def _seed() -> int:
+    """One 64-bit draw from torch's default generator: set_seed and checkpointed RNG state
+    reproduce every mask drawn from it."""
+    return int(torch.empty((), dtype=torch.int64).random_(-(1 << 63), None))  # as int64: the kernels take it so
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int | None = None) -> tuple[torch.Tensor, float]:
+    """A bool mask keeping each element with probability 1 - p (to 2^-32), and the survivors' scale:
+    the mask `cpu_dropout` applies to a tensor of this shape with this seed."""
+    kept, scale = keep_level(p)
+    seed = _seed() if seed is None else seed
     n = 1
     for d in shape:
         n *= d
-    if kept <= 0:
-        return torch.zeros(shape, dtype=torch.bool), 0.0
-    words = _words((n + 3) // 4)
-    draws = words.view(torch.int16)[:n].view(shape)  # uniform on [-32768, 32767]
-    return draws >= (_LEVELS // 2 - kept), _LEVELS / kept
+    return cpu_kernels.keep(seed, torch.arange(n), kept).view(shape), scale
+
+
+class _Dropout(torch.autograd.Function):
+    """x * mask * scale where the mask is recomputed from its seed in the backward, never stored."""
+
+    @staticmethod
+    def forward(ctx, x, seed, kept, scale):
+        ctx.mask = (seed, kept, scale)
+        return _apply(x.contiguous(), seed, kept, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _apply(grad.contiguous(), *ctx.mask), None, None, None
+
+
+def _apply(x: torch.Tensor, seed: int, kept: int, scale: float) -> torch.Tensor:
+    fused = cpu_kernels.kernels() if x.dtype in (torch.float32, torch.bfloat16) else None
+    if fused is not None:
+        return fused.dropout(x, seed, kept, scale)
+    return _apply_reference(x, seed, kept, scale)
+
+
+def _apply_reference(x: torch.Tensor, seed: int, kept: int, scale: float) -> torch.Tensor:
+    """What the kernel computes, in torch operations: the product in fp32, rounded once to x's dtype."""
+    mask = cpu_kernels.keep(seed, torch.arange(x.numel()), kept).view(x.shape)
+    return (x.float() * (mask.float() * torch.tensor(scale, dtype=torch.float32))).to(x.dtype)
 
 
 def cpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Training-mode dropout of `x` (a CPU tensor) with the mask from `keep_mask`."""
+    """Training-mode dropout of `x` (a CPU tensor): masks from loraflow.cpu_kernels' stream."""
     if p <= 0.0:
         return x
-    mask, scale = keep_mask(x.shape, p)
-    # The mask in x's dtype, scaled once: a bool operand would be converted inside every multiply
-    # (forward and backward); measured 6.4 -> 4.8 ms for [512, 3072] bf16, forward + backward.
-    return x * mask.to(x.dtype).mul_(scale)
+    kept, scale = keep_level(p)
+    if kept <= 0:
+        return x * 0.0
+    return _Dropout.apply(x, _seed(), kept, scale)
 
 
 class CpuDropout(nn.Dropout):
-    """nn.Dropout whose training-mode masks come from `keep_mask` when the input is on the CPU."""
+    """nn.Dropout whose training-mode masks come from loraflow.cpu_kernels when the input is on the CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
             return super().forward(x)
         return cpu_dropout(x, self.p)
+
+
+class _SoftmaxDropout(torch.autograd.Function):
+    """Attention weights of one block of queries: softmax(scores + bias) and its dropped copy (the
+    mask of each element a function of the seed and its place in the whole [s, s] square). Returns
+    the dropped copy; the backward takes the softmax's and the mask's gradient in one pass."""
+
+    @staticmethod
+    def forward(ctx, scores, bias, seed, kept, place):
+        fused = cpu_kernels.kernels() if scores.dtype in (torch.float32, torch.bfloat16) else None
+        scores = scores.contiguous()
+        if fused is not None:
+            probs, dropped = fused.softmax_dropout_forward(scores, bias, seed, kept, *place)
+        else:
+            if bias is not None:
+                scores = scores + bias.unsqueeze(1)
+            probs = torch.softmax(scores, dim=-1)
+            dropped = torch.where(_block_mask(probs.shape, seed, kept, place), probs, 0)
+        ctx.save_for_backward(probs)
+        ctx.mask = (seed, kept, place)
+        return dropped
+
+    @staticmethod
+    def backward(ctx, grad):
+        (probs,) = ctx.saved_tensors
+        seed, kept, place = ctx.mask
+        fused = cpu_kernels.kernels() if probs.dtype in (torch.float32, torch.bfloat16) else None
+        if fused is not None:
+            return fused.softmax_dropout_backward(grad.contiguous(), probs, seed, kept, *place), None, None, None, None
+        g = torch.where(_block_mask(probs.shape, seed, kept, place), grad, 0).float()
+        p = probs.float()
+        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype), None, None, None, None
+
+
+def _block_mask(shape, seed: int, kept: int, place) -> torch.Tensor:
+    """The kernels' mask of a [B, H, q, k] block at (q_off, k_off) of a [q_total, k_total] square."""
+    q_off, k_off, q_total, k_total = place
+    b, h, q, k = shape
+    index = ((torch.arange(b * h).view(-1, 1, 1) * q_total + q_off + torch.arange(q).view(1, -1, 1)) * k_total
+             + k_off + torch.arange(k).view(1, 1, -1))
+    return cpu_kernels.keep(seed, index, kept).view(shape)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -94,53 +167,50 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     query = query * scaling
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    blocks, bias = _blocks_and_bias(attention_mask, causal and q_len > 1, q_len, k_len, query.dtype)
-    outs, keep_scale = [], 1.0
-    for q0, q1, k0, k1, masked in blocks:
+    blocks = _blocks(attention_mask, causal and q_len > 1, q_len, k_len, query.dtype)
+    kept, keep_scale = keep_level(dropout)
+    seed = _seed()  # one for the layer: each element's mask is a function of its place in [q, k]
+    outs = []
+    for q0, q1, k0, k1, bias in blocks:
         scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(-1, -2))
-        if masked:
-            # An additive bias, added in place: masked_fill would copy the scores and its backward
-            # the gradient; an addition passes the gradient through.
-            scores = scores.add_(bias[..., q0:q1, k0:k1])
-        # Softmax in the scores' dtype: torch's CPU kernel accumulates bf16 in fp32 and rounds once,
-        # so the probabilities equal an fp32 softmax cast to bf16 without the two [.., s, s] casts
-        # (and their two in the backward) that softmax(dtype=float32).to(bf16) costs.
-        probs = torch.softmax(scores, dim=-1)
-        mask, keep_scale = keep_mask(probs.shape, dropout)
-        outs.append(torch.matmul(torch.where(mask, probs, 0), value[:, :, k0:k1]))
+        dropped = _SoftmaxDropout.apply(scores, bias, seed, kept, (q0, k0, q_len, k_len))
+        outs.append(torch.matmul(dropped, value[:, :, k0:k1]))
     out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)) * keep_scale
     return out.transpose(1, 2).contiguous(), None
 
 
-# The last mask's blocks and bias: transformers builds one mask per forward and hands the same
-# tensor to every layer (and to a checkpointed layer's recompute); without a mask (causal rows),
-# the same shape gives the same blocks.
+# The last mask's blocks: transformers builds one mask per forward and hands the same tensor to
+# every layer (and to a checkpointed layer's recompute); without a mask (causal rows), the same
+# shape gives the same blocks.
 _last: tuple = (None, 0, None, None)
 
 
-def _blocks_and_bias(mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, dtype: torch.dtype):
-    """[(q0, q1, k0, k1, masked)]: blocks of QUERY_BLOCK queries, each with the key range its
-    queries may attend (over every row and head of the batch) and whether any score inside is
-    masked; and the mask as an additive bias. Outside a block's range every score is masked, so
-    leaving it out changes nothing; a block with a query that may attend nothing keeps all keys, as
-    SDPA's math kernel does with it. No mask and not causal: one block, all keys, no bias."""
+def _blocks(mask: torch.Tensor | None, causal: bool, q_len: int, k_len: int, dtype: torch.dtype):
+    """[(q0, q1, k0, k1, bias)]: blocks of QUERY_BLOCK queries, each with the key range its queries
+    may attend (over every row of the batch) and, where a score inside is masked, the mask as an
+    additive bias [1 or batch, q1 - q0, k1 - k0] (else None). Outside a block's range every score is
+    masked, so leaving it out changes nothing; a block with a query that may attend nothing keeps
+    all keys, as SDPA's math kernel does with it. No mask and not causal: one block, all keys."""
     global _last
     key = mask if mask is not None else (causal, q_len, k_len)
     last = _last  # one read: another thread may replace it
-    if (last[0] is key or (mask is None and last[0] == key)) and last[1] == QUERY_BLOCK and last[3].dtype == dtype:
-        return last[2], last[3]
+    if (last[0] is key or (mask is None and last[0] == key)) and last[1:3] == (QUERY_BLOCK, dtype):
+        return last[3]
     if mask is None and not causal:
-        return [(0, q_len, 0, k_len, False)], None
+        return [(0, q_len, 0, k_len, None)]
     if mask is None:
         # What SDPA's is_causal means: query i sees keys up to i (aligned to the end of the keys).
         mask = torch.ones(q_len, k_len, dtype=torch.bool).tril(k_len - q_len)
-    if mask.dtype != torch.bool:
-        bias, allowed = mask.to(dtype), mask > torch.finfo(mask.dtype).min
+    mask = mask.expand(*([1] * (4 - mask.dim())), *mask.shape[-min(mask.dim(), 4):])
+    if mask.shape[1] != 1:
+        raise ValueError(f"loraflow's CPU attention takes one mask for all heads, got a mask of shape "
+                         f"{tuple(mask.shape)}")
+    mask = mask[:, 0].expand(mask.shape[0], q_len, k_len)
+    if mask.dtype == torch.bool:
+        allowed, bias = mask, torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
     else:
-        bias = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
-        allowed = mask
-    allowed = allowed.expand(*allowed.shape[:-2], q_len, k_len).reshape(-1, q_len, k_len)
-    seen = allowed.any(dim=0)  # by any row (and head) of the batch
+        allowed, bias = mask > torch.finfo(mask.dtype).min, mask.to(dtype)
+    seen = allowed.any(dim=0)  # by any row of the batch
     everywhere = allowed.all(dim=0)  # by every one
     blocks = []
     for q0 in range(0, q_len, QUERY_BLOCK):
@@ -148,9 +218,10 @@ def _blocks_and_bias(mask: torch.Tensor | None, causal: bool, q_len: int, k_len:
         keys = seen[q0:q1].any(dim=0).nonzero()
         k0, k1 = (0, k_len) if keys.numel() == 0 or not bool(seen[q0:q1].any(dim=1).all()) \
             else (int(keys[0]), int(keys[-1]) + 1)
-        blocks.append((q0, q1, k0, k1, not bool(everywhere[q0:q1, k0:k1].all())))
-    _last = (key, QUERY_BLOCK, blocks, bias)
-    return blocks, bias
+        masked = not bool(everywhere[q0:q1, k0:k1].all())
+        blocks.append((q0, q1, k0, k1, bias[:, q0:q1, k0:k1].contiguous() if masked else None))
+    _last = (key, QUERY_BLOCK, dtype, blocks)
+    return blocks
 
 
 def register_attention() -> None:
@@ -172,6 +243,13 @@ def use_cpu_dropout(model) -> str | None:
             # GPT-2's attributes) and its state (p, training); nothing is saved for a dropout.
             module.__class__ = CpuDropout
             swapped += 1
+        if getattr(module, "cast_input_dtype_enabled", False):
+            # PEFT casts a LoRA layer's bf16 input to its fp32 weights' dtype, and autocast casts the
+            # product's operand straight back: two copies of the input, forward and backward. The
+            # dropout between them computes in fp32 and rounds once, as that round trip does, so
+            # the LoRA products see the same numbers without the copies (without autocast the
+            # input already has the weights' dtype and the cast did nothing).
+            module.cast_input_dtype_enabled = False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     attention_dropout = attention_dropout_p(config)

@@ -37,8 +37,17 @@ def _fused_function():
                 h = hidden.detach().to(w.dtype)
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 grad = torch.empty_like(h) if hidden.requires_grad else None
+                fused = _cpu_kernels(h)
                 for s in range(0, h.shape[0], chunk):
                     y = targets[s:s + chunk]
+                    if fused is not None:
+                        # One pass over the chunk's logits in their own dtype (cpu_kernels.cpp): the
+                        # same fp32 loss, and softmax - onehot written over them, rounded once.
+                        logits = h[s:s + chunk] @ w.T
+                        total += fused.cross_entropy_(logits, y.contiguous()).sum()
+                        if grad is not None:
+                            grad[s:s + chunk] = logits @ w
+                        continue
                     logits = (h[s:s + chunk] @ w.T).float()
                     # One pass each for the max, exp and sum, all in place on the chunk (logsumexp
                     # then exp(logits - lse) takes two more over positions x vocabulary).
@@ -64,6 +73,16 @@ def _fused_function():
 
 
 _FUNCTION = None
+
+
+def _cpu_kernels(h):
+    import torch
+
+    if h.device.type != "cpu" or h.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    from loraflow import cpu_kernels
+
+    return cpu_kernels.kernels()
 
 
 def summed_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
