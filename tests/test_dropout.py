@@ -153,6 +153,40 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     assert torch.equal(a, b) and (a - reference).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("block", [8, 1 << 20])
+def test_attention_gradients_are_sdpas(monkeypatch, block):
+    """The blocked attention's own backward (fp32, every element kept) gives SDPA's gradients for
+    q, k and v on a batch of two packed rows with different document cuts, and SDPA's output."""
+    import torch
+
+    from loraflow import dropout
+
+    monkeypatch.setattr(dropout, "QUERY_BLOCK", block)
+    torch.manual_seed(0)
+    b, h, s, d = 2, 3, 40, 16
+    doc = torch.tensor([[0] * 13 + [1] * 27, [0] * 30 + [1] * 10])
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    mask = (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
+    q, k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(3))
+    weights = torch.randn(b, s, h, d)
+
+    class Layer:
+        is_causal = True
+
+    ours, _ = dropout.attention(Layer(), q, k, v, mask, dropout=1e-10)
+    (ours * weights).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+    (reference * weights).sum().backward()
+    assert (ours - reference).abs().max() < 1e-5
+    for mine, theirs in zip(grads, (q.grad, k.grad, v.grad)):
+        assert (mine - theirs).abs().max() < 1e-5 * max(1.0, float(theirs.abs().max()))
+    if block == 8:
+        assert len(dropout._last[3]) == 5 and dropout._last[3][-1][2] > 0  # the last block skips keys
+
+
 def test_a_cpu_training_run_uses_the_masks_and_says_so(train_on_and_off):
     """A run on the CPU says what it switched (the tiny GPT-2's dropout modules and its attention
     dropout), trains to a finite, falling loss, and writes the same adapter files as before (a

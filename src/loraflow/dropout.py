@@ -109,36 +109,66 @@ class CpuDropout(nn.Dropout):
         return cpu_dropout(x, self.p)
 
 
-class _SoftmaxDropout(torch.autograd.Function):
-    """Attention weights of one block of queries: softmax(scores + bias) and its dropped copy (the
-    mask of each element a function of the seed and its place in the whole [s, s] square). Returns
-    the dropped copy; the backward takes the softmax's and the mask's gradient in one pass."""
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T + bias) with dropout, times v, block of queries by block (`_blocks`); q comes
+    scaled. One function for the whole layer: its backward writes each block's gradients into the
+    full-size ones, where autograd would give every slice of q, k and v a zero-filled full-size
+    gradient to add up, and a cat to undo."""
 
     @staticmethod
-    def forward(ctx, scores, bias, seed, kept, place):
-        fused = cpu_kernels.kernels() if scores.dtype in (torch.float32, torch.bfloat16) else None
-        scores = scores.contiguous()
-        if fused is not None:
-            probs, dropped = fused.softmax_dropout_forward(scores, bias, seed, kept, *place)
-        else:
-            if bias is not None:
-                scores = scores + bias.unsqueeze(1)
-            probs = torch.softmax(scores, dim=-1)
-            dropped = torch.where(_block_mask(probs.shape, seed, kept, place), probs, 0)
-        ctx.save_for_backward(probs)
-        ctx.mask = (seed, kept, place)
-        return dropped
+    def forward(ctx, query, key, value, blocks, seed, kept, keep_scale):
+        shape = (*query.shape[:-1], value.shape[-1])
+        out = query.new_empty(shape) if len(blocks) > 1 else None
+        saved = []
+        for q0, q1, k0, k1, bias in blocks:
+            scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(-1, -2))
+            probs, dropped = _softmax_dropout(scores, bias, seed, kept, (q0, k0, query.shape[2], key.shape[2]))
+            part = torch.matmul(dropped, value[:, :, k0:k1])
+            if out is None:
+                out = part
+            else:
+                out[:, :, q0:q1] = part
+            saved += [probs, dropped]
+        ctx.save_for_backward(query, key, value, *saved)
+        ctx.blocks, ctx.mask = [b[:4] for b in blocks], (seed, kept, keep_scale)
+        return out.mul_(keep_scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (probs,) = ctx.saved_tensors
-        seed, kept, place = ctx.mask
-        fused = cpu_kernels.kernels() if probs.dtype in (torch.float32, torch.bfloat16) else None
-        if fused is not None:
-            return fused.softmax_dropout_backward(grad.contiguous(), probs, seed, kept, *place), None, None, None, None
-        g = torch.where(_block_mask(probs.shape, seed, kept, place), grad, 0).float()
-        p = probs.float()
-        return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype), None, None, None, None
+        query, key, value, *saved = ctx.saved_tensors
+        seed, kept, keep_scale = ctx.mask
+        grad = grad * keep_scale
+        grad_q = torch.empty_like(query)
+        grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
+        for i, (q0, q1, k0, k1) in enumerate(ctx.blocks):
+            probs, dropped = saved[2 * i], saved[2 * i + 1]
+            g = grad[:, :, q0:q1]
+            grad_v[:, :, k0:k1] += torch.matmul(dropped.transpose(-1, -2), g)
+            g_scores = _softmax_dropout_grad(torch.matmul(g, value[:, :, k0:k1].transpose(-1, -2)), probs, seed,
+                                             kept, (q0, k0, query.shape[2], key.shape[2]))
+            grad_q[:, :, q0:q1] = torch.matmul(g_scores, key[:, :, k0:k1])
+            grad_k[:, :, k0:k1] += torch.matmul(g_scores.transpose(-1, -2), query[:, :, q0:q1])
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _softmax_dropout(scores, bias, seed: int, kept: int, place):
+    """(softmax(scores + bias), its dropped copy): the fused kernel, or the same in torch operations."""
+    fused = cpu_kernels.kernels() if scores.dtype in (torch.float32, torch.bfloat16) else None
+    if fused is not None:
+        return fused.softmax_dropout_forward(scores.contiguous(), bias, seed, kept, *place)
+    if bias is not None:
+        scores = scores + bias.unsqueeze(1)
+    probs = torch.softmax(scores, dim=-1)
+    return probs, torch.where(_block_mask(probs.shape, seed, kept, place), probs, 0)
+
+
+def _softmax_dropout_grad(grad, probs, seed: int, kept: int, place):
+    fused = cpu_kernels.kernels() if probs.dtype in (torch.float32, torch.bfloat16) else None
+    if fused is not None:
+        return fused.softmax_dropout_backward(grad.contiguous(), probs, seed, kept, *place)
+    g = torch.where(_block_mask(probs.shape, seed, kept, place), grad, 0).float()
+    p = probs.float()
+    return (p * (g - (g * p).sum(dim=-1, keepdim=True))).to(probs.dtype)
 
 
 def _block_mask(shape, seed: int, kept: int, place) -> torch.Tensor:
@@ -169,13 +199,8 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     blocks = _blocks(attention_mask, causal and q_len > 1, q_len, k_len, query.dtype)
     kept, keep_scale = keep_level(dropout)
-    seed = _seed()  # one for the layer: each element's mask is a function of its place in [q, k]
-    outs = []
-    for q0, q1, k0, k1, bias in blocks:
-        scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(-1, -2))
-        dropped = _SoftmaxDropout.apply(scores, bias, seed, kept, (q0, k0, q_len, k_len))
-        outs.append(torch.matmul(dropped, value[:, :, k0:k1]))
-    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)) * keep_scale
+    # One seed for the layer: each element's mask is a function of its place in the [q, k] square.
+    out = _Attention.apply(query, key, value, blocks, _seed(), kept, keep_scale)
     return out.transpose(1, 2).contiguous(), None
 
 

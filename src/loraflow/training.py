@@ -169,7 +169,12 @@ def _trainer_class():
 
             body, head = _body_and_head(model)
             labels = inputs["labels"]
-            hidden = body(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).last_hidden_state
+            # The body is called past the model's forward, which accelerate wrapped in the run's
+            # autocast (bf16/fp16 flags): enter it here, so that the body computes as the unfused
+            # path, evaluation and the service do (modeling.autocast).
+            with self.accelerator.autocast():
+                hidden = body(**{k: v for k, v in inputs.items() if k != "labels"},
+                              use_cache=False).last_hidden_state
             total = lm_loss.summed_loss(hidden, head.weight, labels)
             # As the model's loss with num_items_in_batch: normalised over the whole accumulated batch.
             n = num_items_in_batch if num_items_in_batch is not None else (labels[:, 1:] != -100).sum()
