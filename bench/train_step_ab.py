@@ -14,7 +14,7 @@ Variants:
   fused-mb2/4 fused at micro-batch 2 / 4
   compile     torch.compile(model) (inductor, CPU) of hf; the first round (the compile) reported apart
   compile-fused  torch.compile of the transformer body, then fused
-  fused-cpudrop  fused with loraflow.dropout (CPU masks from 64-bit draws, attention dropout outside
+  fused-cpudrop  fused with loraflow.dropout (counter-based masks in fused kernels, attention dropout outside
               SDPA's math kernel), as training.cpu_dropout switches it on; the other variants run with
               torch's dropout. Other masks, so its loss and gradients differ from the reference's by
               the dropout's noise, not by an error.

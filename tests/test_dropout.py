@@ -1,5 +1,6 @@
-"""loraflow.dropout: CPU dropout masks from 64-bit draws (four masks a draw), the attention that
-uses them, and a training run that switches to them."""
+"""loraflow.dropout and loraflow.cpu_kernels: CPU dropout masks as a function of (seed, index), the
+fused kernels against their torch reference, the attention that uses them, and a training run that
+switches to them."""
 
 from __future__ import annotations
 
@@ -65,6 +66,16 @@ def test_fused_kernels_compute_the_torch_reference():
         expected = p * (g - (g * p).sum(dim=-1, keepdim=True))
         got = fused.softmax_dropout_backward(grad, probs, seed, kept, *place).float()
         assert (got - expected).abs().max() <= (2 ** -8 * expected.abs().max() if dtype == torch.bfloat16 else 1e-6)
+    # GELU (tanh form) forward and backward against torch's, in fp32; in bf16 within one rounding
+    # (torch's 1 + tanh(z) cancels to 0 below x ~ -5.5, the kernel's sigmoid form keeps the tiny value).
+    x = torch.randn(64, 3072) * 3
+    xg = x.clone().requires_grad_()
+    torch.nn.functional.gelu(xg, approximate="tanh").backward(torch.ones_like(x))
+    assert (fused.gelu(x) - torch.nn.functional.gelu(x, approximate="tanh")).abs().max() < 2e-6
+    assert (fused.gelu_backward(torch.ones_like(x), x) - xg.grad).abs().max() < 1e-5
+    xb = x.bfloat16()
+    diff = (fused.gelu(xb).float() - torch.nn.functional.gelu(xb, approximate="tanh").float()).abs()
+    assert (diff <= 2 ** -7 * xb.float().abs().clamp(min=1e-2)).all()
 
 
 def test_dropout_backward_applies_the_forward_mask_and_eval_is_identity():
@@ -195,11 +206,11 @@ def test_a_cpu_training_run_uses_the_masks_and_says_so(train_on_and_off):
 
     runs = train_on_and_off("training.cpu_dropout", 4)
     for on, (_, messages) in runs.items():
-        assert any(m.startswith("activation: gelu_new as torch's fused tanh GELU in 2 layer") for m in messages)
+        assert any(m.startswith("activation: gelu_new as a one-kernel tanh GELU in 2 layer") for m in messages)
         lines = [m for m in messages if m.startswith("dropout on cpu")]
         assert len(lines) == (1 if on == "true" else 0), lines
         if on == "true":
-            assert "attention dropout 0.1" in lines[0], lines[0]
+            assert "attention dropout 0.1" in lines[0] and "fused cpu dropout kernels" in lines[0], lines[0]
     results = {on: result for on, (result, _) in runs.items()}
     for r in results.values():
         history = [h["loss"] for h in _history(r.history_path)]

@@ -60,11 +60,15 @@ def _build():
         from torch.utils import cpp_extension
 
         if shutil.which("ninja") is None:
-            import ninja  # the PyPI package: a declared dependency, its binary beside the venv's python
+            import ninja  # the PyPI package: a declared dependency, its binary in its venv's bin/
 
             # torch's builder runs `ninja` from PATH; a venv's python started by its full path has
-            # no venv bin/ there.
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            # no venv bin/ there, and a venv that shares another's packages (a .pth line) has the
+            # binary in that venv's bin/, beside site-packages' lib/pythonX.Y/.
+            for where in (ninja.BIN_DIR, str(Path(ninja.__file__).resolve().parents[3] / "bin")):
+                if where and Path(where, "ninja").is_file():
+                    os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
+                    break
         module = cpp_extension.load(
             build_name(), [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"], verbose=False)
         return module, None

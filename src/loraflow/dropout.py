@@ -285,9 +285,10 @@ def use_cpu_dropout(model) -> str | None:
         base.set_attn_implementation(ATTENTION)
     if not swapped and not switched:
         return None
-    return (f"dropout on cpu: masks from 64-bit draws, 4 per draw (torch's CPU bernoulli draws one per element): "
-            f"{swapped} dropout module(s)" + (f", attention dropout {attention_dropout:g} outside SDPA's math kernel"
-                                              if switched else ""))
+    return (f"dropout on cpu: counter-based masks, recomputed in the backward (torch's CPU bernoulli draws one "
+            f"mt19937 number per element): {swapped} dropout module(s)"
+            + (f", attention dropout {attention_dropout:g} outside SDPA's math kernel" if switched else "")
+            + f"; {cpu_kernels.status()}")
 
 
 def attention_dropout_p(config) -> float:

@@ -162,9 +162,9 @@ class TrainingSettings(_Section):
     # Not inert: the same drop rate and mean, but other random draws, so another adapter.
     cpu_dropout: bool = Field(
         True,
-        description=("On a CPU, dropout masks from 64-bit draws, four masks a draw (loraflow.dropout), and "
-                     "attention dropout outside SDPA's math kernel: the same drop rate (to 2^-16) and mean, "
-                     "a different random stream. false: torch's dropout. No effect on a GPU."))
+        description=("On a CPU, dropout with counter-based masks computed inside fused kernels "
+                     "(loraflow.dropout, loraflow.cpu_kernels), attention dropout included: the same drop rate "
+                     "(to 2^-32) and mean, a different random stream. false: torch's dropout. No effect on a GPU."))
     logging_steps: int = Field(25, gt=0, json_schema_extra=role("inert"))
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", json_schema_extra=role("inert"))
 

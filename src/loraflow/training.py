@@ -497,8 +497,8 @@ def _train(settings: Settings, out: Path, *, resume: bool, recipe: Recipe,
     from loraflow.activations import use_fused_gelu
 
     if fused := use_fused_gelu(model):
-        log.info("activation: gelu_new as torch's fused tanh GELU in %d layer(s): the same function in one kernel",
-                 fused)
+        log.info("activation: gelu_new as a one-kernel tanh GELU in %d layer(s): the same function (%s)", fused,
+                 "loraflow.cpu_kernels on a CPU where built, else torch's")
     if settings.training.cpu_dropout and precision.device == "cpu":
         from loraflow.dropout import use_cpu_dropout
 
