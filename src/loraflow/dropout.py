@@ -117,11 +117,14 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, blocks, seed, kept, keep_scale):
+        # Row-major operands once per layer (q, k, v arrive as strided views of the fused QKV
+        # projection): each block's slice is then a plain sub-matrix, not one more copy per block.
+        query, value, key_t = query.contiguous(), value.contiguous(), key.transpose(-1, -2).contiguous()
         shape = (*query.shape[:-1], value.shape[-1])
         out = query.new_empty(shape) if len(blocks) > 1 else None
         saved = []
         for q0, q1, k0, k1, bias in blocks:
-            scores = torch.matmul(query[:, :, q0:q1], key[:, :, k0:k1].transpose(-1, -2))
+            scores = torch.matmul(query[:, :, q0:q1], key_t[..., k0:k1])
             probs, dropped = _softmax_dropout(scores, bias, seed, kept, (q0, k0, query.shape[2], key.shape[2]))
             part = torch.matmul(dropped, value[:, :, k0:k1])
             if out is None:
@@ -129,26 +132,27 @@ class _Attention(torch.autograd.Function):
             else:
                 out[:, :, q0:q1] = part
             saved += [probs, dropped]
-        ctx.save_for_backward(query, key, value, *saved)
+        ctx.save_for_backward(query, key_t, value, *saved)
         ctx.blocks, ctx.mask = [b[:4] for b in blocks], (seed, kept, keep_scale)
         return out.mul_(keep_scale)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key, value, *saved = ctx.saved_tensors
+        query, key_t, value, *saved = ctx.saved_tensors
         seed, kept, keep_scale = ctx.mask
         grad = grad * keep_scale
+        value_t, k_len = value.transpose(-1, -2).contiguous(), key_t.shape[-1]
         grad_q = torch.empty_like(query)
-        grad_k, grad_v = torch.zeros_like(key), torch.zeros_like(value)
+        grad_k_t, grad_v = torch.zeros_like(key_t), torch.zeros_like(value)
         for i, (q0, q1, k0, k1) in enumerate(ctx.blocks):
             probs, dropped = saved[2 * i], saved[2 * i + 1]
             g = grad[:, :, q0:q1]
             grad_v[:, :, k0:k1] += torch.matmul(dropped.transpose(-1, -2), g)
-            g_scores = _softmax_dropout_grad(torch.matmul(g, value[:, :, k0:k1].transpose(-1, -2)), probs, seed,
-                                             kept, (q0, k0, query.shape[2], key.shape[2]))
-            grad_q[:, :, q0:q1] = torch.matmul(g_scores, key[:, :, k0:k1])
-            grad_k[:, :, k0:k1] += torch.matmul(g_scores.transpose(-1, -2), query[:, :, q0:q1])
-        return grad_q, grad_k, grad_v, None, None, None, None
+            g_scores = _softmax_dropout_grad(torch.matmul(g, value_t[..., k0:k1]), probs, seed, kept,
+                                             (q0, k0, query.shape[2], k_len))
+            grad_q[:, :, q0:q1] = torch.matmul(g_scores, key_t[..., k0:k1].transpose(-1, -2))
+            grad_k_t[..., k0:k1] += torch.matmul(query[:, :, q0:q1].transpose(-1, -2), g_scores)
+        return grad_q, grad_k_t.transpose(-1, -2), grad_v, None, None, None, None
 
 
 def _softmax_dropout(scores, bias, seed: int, kept: int, place):

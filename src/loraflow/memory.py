@@ -197,9 +197,10 @@ def estimate_training_memory(shape: ModelShape, *, batch: int, seq: int, compute
     scores = 0
     if scores_materialised(attn_implementation, device, shape.attention_dropout):
         if attn_implementation == CPU_DROPOUT_ATTENTION:
-            # loraflow.dropout's attention keeps the softmax output, its 1-byte mask and the dropped
-            # probabilities, all but the mask in the compute dtype.
-            score_bytes = 2 * p + 1
+            # loraflow.dropout's attention keeps the softmax output and the dropped probabilities in
+            # the compute dtype (the mask is recomputed from its seed, not stored); counted over the
+            # whole square, though its blocks skip what the causal mask hides (5/8 of it at 512).
+            score_bytes = 2 * p
         else:
             score_bytes = (4 if p == 4 else 4 + p) + ((2 * p + 1) if shape.attention_dropout > 0 else 0)
         scores = b * shape.heads * s * s * score_bytes
