@@ -3,8 +3,8 @@
 The seed's stack (the reference): transformers Trainer + peft LoRA r=16 on c_attn/c_proj, batch 4,
 grad-accum 4, every review tokenised with padding="max_length" (pad = eos, the usual collator); on a
 GPU in bf16 with bf16 weights. loraflow: `loraflow.training.train_adapter` (packed rows with
-per-document position ids; micro-batch 1 x grad-accum 16 on a CPU, 16 x 1 on a GPU: the same 16
-rows of max_length per optimizer step; precision auto).
+per-document position ids; micro-batch 4 x grad-accum 4 on a CPU (the recipe's own, as the seed's),
+16 x 1 on a GPU: the same 16 rows of max_length per optimizer step; precision auto).
 
 Both run on the same DialoGPT-architecture model (GPT2Config with random weights at the real
 small / medium shapes, the real GPT-2 tokenizer), the same real IMDB review texts, the same number
@@ -439,7 +439,7 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
     common = ["--model-dir", str(model_dir), "--max-length", str(args.max_length), "--steps", str(args.steps),
               "--device", args.device, "--steps-per-turn", str(args.steps_per_turn),
               *(f"--set={o}" for o in args.set)]
-    mb = args.micro_batch or (16 if args.device == "cuda" else 1)
+    mb = args.micro_batch or (16 if args.device == "cuda" else 4)
     stacks = [Live("seed", "seed", common, log_dir, 4),
               Live("loraflow", "loraflow", [*common, "--precision", args.precision], log_dir, mb)]
     if args.seed_mb1:
@@ -581,7 +581,8 @@ def main() -> None:
     parser.add_argument("--steps-per-turn", type=int, default=1, help="optimizer steps a stack runs per turn")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--micro-batch", type=int, default=0,
-                        help=f"loraflow's micro-batch (grad-accum = {EFFECTIVE_ROWS} / it); 0: 1 on cpu, 16 on cuda")
+                        help=f"loraflow's micro-batch (grad-accum = {EFFECTIVE_ROWS} / it); 0: 4 on cpu (the recipe's), "
+                             "16 on cuda")
     parser.add_argument("--seed-mb1", action="store_true",
                         help="a third stack in the rotation: the seed's at micro-batch 1 x 16 (separates packing's gain)")
     parser.add_argument("--disturbed", type=float, default=0.20, help="flag a run whose step-time spread exceeds this")

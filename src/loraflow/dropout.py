@@ -117,42 +117,47 @@ class _Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query, key, value, blocks, seed, kept, keep_scale):
-        # Row-major operands once per layer (q, k, v arrive as strided views of the fused QKV
-        # projection): each block's slice is then a plain sub-matrix, not one more copy per block.
-        query, value, key_t = query.contiguous(), value.contiguous(), key.transpose(-1, -2).contiguous()
-        shape = (*query.shape[:-1], value.shape[-1])
-        out = query.new_empty(shape) if len(blocks) > 1 else None
+        # Row-major [batch x heads, tokens, head_dim] operands once per layer (q, k, v arrive as
+        # strided views of the fused QKV projection): each block's operand is then a sub-matrix
+        # that bmm reads in place, plain or transposed, instead of one more copy per block.
+        b, h, q_len, d = query.shape
+        k_len = key.shape[2]
+        q = query.contiguous().view(b * h, q_len, d)
+        k_t = key.transpose(-1, -2).contiguous().view(b * h, d, k_len)
+        v = value.contiguous().view(b * h, k_len, value.shape[-1])
+        out = q.new_empty(b * h, q_len, v.shape[-1])
         saved = []
         for q0, q1, k0, k1, bias in blocks:
-            scores = torch.matmul(query[:, :, q0:q1], key_t[..., k0:k1])
-            probs, dropped = _softmax_dropout(scores, bias, seed, kept, (q0, k0, query.shape[2], key.shape[2]))
-            part = torch.matmul(dropped, value[:, :, k0:k1])
-            if out is None:
-                out = part
-            else:
-                out[:, :, q0:q1] = part
+            scores = torch.bmm(q[:, q0:q1], k_t[:, :, k0:k1]).view(b, h, q1 - q0, k1 - k0)
+            probs, dropped = _softmax_dropout(scores, bias, seed, kept, (q0, k0, q_len, k_len))
+            dropped = dropped.view(b * h, q1 - q0, k1 - k0)
+            out[:, q0:q1] = torch.bmm(dropped, v[:, k0:k1])
             saved += [probs, dropped]
-        ctx.save_for_backward(query, key_t, value, *saved)
-        ctx.blocks, ctx.mask = [b[:4] for b in blocks], (seed, kept, keep_scale)
-        return out.mul_(keep_scale)
+        ctx.save_for_backward(q, k_t, v, *saved)
+        ctx.blocks, ctx.mask, ctx.shape = [blk[:4] for blk in blocks], (seed, kept, keep_scale), (b, h)
+        return out.mul_(keep_scale).view(b, h, q_len, -1)
 
     @staticmethod
     def backward(ctx, grad):
-        query, key_t, value, *saved = ctx.saved_tensors
+        q, k_t, v, *saved = ctx.saved_tensors
         seed, kept, keep_scale = ctx.mask
-        grad = grad * keep_scale
-        value_t, k_len = value.transpose(-1, -2).contiguous(), key_t.shape[-1]
-        grad_q = torch.empty_like(query)
-        grad_k_t, grad_v = torch.zeros_like(key_t), torch.zeros_like(value)
+        b, h = ctx.shape
+        q_len, k_len = q.shape[1], k_t.shape[2]
+        grad = (grad * keep_scale).reshape(b * h, q_len, -1)
+        v_t = v.transpose(1, 2).contiguous()
+        grad_q = torch.empty_like(q)
+        grad_k_t, grad_v = torch.zeros_like(k_t), torch.zeros_like(v)
         for i, (q0, q1, k0, k1) in enumerate(ctx.blocks):
             probs, dropped = saved[2 * i], saved[2 * i + 1]
-            g = grad[:, :, q0:q1]
-            grad_v[:, :, k0:k1] += torch.matmul(dropped.transpose(-1, -2), g)
-            g_scores = _softmax_dropout_grad(torch.matmul(g, value_t[..., k0:k1]), probs, seed, kept,
-                                             (q0, k0, query.shape[2], k_len))
-            grad_q[:, :, q0:q1] = torch.matmul(g_scores, key_t[..., k0:k1].transpose(-1, -2))
-            grad_k_t[..., k0:k1] += torch.matmul(query[:, :, q0:q1].transpose(-1, -2), g_scores)
-        return grad_q, grad_k_t.transpose(-1, -2), grad_v, None, None, None, None
+            g = grad[:, q0:q1]
+            grad_v[:, k0:k1] += torch.bmm(dropped.transpose(1, 2), g)
+            g_dropped = torch.bmm(g, v_t[:, :, k0:k1]).view(probs.shape)
+            g_scores = _softmax_dropout_grad(g_dropped, probs, seed, kept, (q0, k0, q_len, k_len))
+            g_scores = g_scores.view(b * h, q1 - q0, k1 - k0)
+            grad_q[:, q0:q1] = torch.bmm(g_scores, k_t[:, :, k0:k1].transpose(1, 2))
+            grad_k_t[:, :, k0:k1] += torch.bmm(q[:, q0:q1].transpose(1, 2), g_scores)
+        return (grad_q.view(b, h, q_len, -1), grad_k_t.view(b, h, -1, k_len).transpose(-1, -2),
+                grad_v.view(b, h, k_len, -1), None, None, None, None)
 
 
 def _softmax_dropout(scores, bias, seed: int, kept: int, place):
