@@ -87,14 +87,20 @@ void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name, " must be float32 or bfloat16");
 }
 
+// f(i) for every element index, split over torch's threads, each chunk one vectorised loop.
+template <typename F>
+inline void elementwise(int64_t n, const F& f) {
+  at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
+#pragma omp simd
+    for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
 template <typename T>
 void dropout_impl(const at::Tensor& x, at::Tensor& y, uint64_t seed, uint64_t kept, float scale) {
   const T* xp = ptr<T>(x);
   T* yp = ptr<T>(y);
-  at::parallel_for(0, x.numel(), 32768, [&](int64_t b, int64_t e) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) store(yp, i, load(xp, i) * (scale * keepf(seed, i, kept)));
-  });
+  elementwise(x.numel(), [=](int64_t i) { store(yp, i, load(xp, i) * (scale * keepf(seed, i, kept))); });
 }
 
 // Rows of `scores` [rows = B * H * Q, K]: element (row, k) has the global index
@@ -199,13 +205,10 @@ template <typename T>
 void gelu_impl(const at::Tensor& x, at::Tensor& y) {
   const T* xp = ptr<T>(x);
   T* yp = ptr<T>(y);
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t b, int64_t e) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      const float v = load(xp, i);
-      float dz;
-      store(yp, i, v * gelu_sigmoid(v, dz));
-    }
+  elementwise(x.numel(), [=](int64_t i) {
+    const float v = load(xp, i);
+    float dz;
+    store(yp, i, v * gelu_sigmoid(v, dz));
   });
 }
 
@@ -214,14 +217,11 @@ void gelu_backward_impl(const at::Tensor& g, const at::Tensor& x, at::Tensor& ou
   const T* gp = ptr<T>(g);
   const T* xp = ptr<T>(x);
   T* op = ptr<T>(out);
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t b, int64_t e) {
-#pragma omp simd
-    for (int64_t i = b; i < e; ++i) {
-      const float v = load(xp, i);
-      float dz;
-      const float sg = gelu_sigmoid(v, dz);
-      store(op, i, load(gp, i) * (sg + v * 2.0f * sg * (1.0f - sg) * dz));
-    }
+  elementwise(x.numel(), [=](int64_t i) {
+    const float v = load(xp, i);
+    float dz;
+    const float sg = gelu_sigmoid(v, dz);
+    store(op, i, load(gp, i) * (sg + v * 2.0f * sg * (1.0f - sg) * dz));
   });
 }
 
