@@ -164,15 +164,18 @@ def test_attention_with_dropout_computes_what_sdpa_computes(tiny_settings, tmp_p
     assert torch.equal(a, b) and (a - reference).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("block", [8, 1 << 20])
-def test_attention_gradients_are_sdpas(monkeypatch, block):
+@pytest.mark.parametrize("block,fused", [(8, True), (1 << 20, True), (8, False)])
+def test_attention_gradients_are_sdpas(monkeypatch, block, fused):
     """The blocked attention's own backward (fp32, every element kept) gives SDPA's gradients for
-    q, k and v on a batch of two packed rows with different document cuts, and SDPA's output."""
+    q, k and v on a batch of two packed rows with different document cuts, and SDPA's output;
+    with the fused kernels and with their torch fallback (where no compiler is)."""
     import torch
 
-    from loraflow import dropout
+    from loraflow import cpu_kernels, dropout
 
     monkeypatch.setattr(dropout, "QUERY_BLOCK", block)
+    if not fused:
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None, "error": "switched off by the test"})
     torch.manual_seed(0)
     b, h, s, d = 2, 3, 40, 16
     doc = torch.tensor([[0] * 13 + [1] * 27, [0] * 30 + [1] * 10])

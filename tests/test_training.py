@@ -346,15 +346,21 @@ def _packed_batch(tiny_settings, rows: int):
     return settings, collator(packed)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fused_loss_equals_the_models_own_loss_and_gradients(tiny_settings, precision):
+@pytest.mark.parametrize("precision,kernels", [("fp32", True), ("bf16", True), ("fp32", False)])
+def test_fused_loss_equals_the_models_own_loss_and_gradients(tiny_settings, monkeypatch, precision, kernels):
     """lm_loss on packed rows (several documents per row, padding) against transformers' own
     ForCausalLM loss with the Trainer's normalisation (num_items_in_batch): the same value and the
-    same LoRA gradients, in fp32 tightly, in bf16 (bf16 base under autocast) within bf16 rounding."""
+    same LoRA gradients, in fp32 tightly, in bf16 (bf16 base under autocast) within bf16 rounding;
+    through loraflow.cpu_kernels' cross-entropy kernel and through its torch fallback."""
     import torch
 
-    from loraflow import lm_loss, modeling
+    from loraflow import cpu_kernels, lm_loss, modeling
     from loraflow.training import _body_and_head, fused_loss_applies
+
+    if kernels:
+        assert cpu_kernels.kernels() is not None, cpu_kernels.status()
+    else:
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None, "error": "switched off by the test"})
 
     settings, batch = _packed_batch(tiny_settings, 3)
     assert int((batch["labels"] == -100).sum()) >= 3 * 2 + 5 + 10  # two document starts a row, padding

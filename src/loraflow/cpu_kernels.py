@@ -64,8 +64,8 @@ def _build():
 
             # torch's builder runs `ninja` from PATH; a venv's python started by its full path has
             # no venv bin/ there, and a venv that shares another's packages (a .pth line) has the
-            # binary in that venv's bin/, beside site-packages' lib/pythonX.Y/.
-            for where in (ninja.BIN_DIR, str(Path(ninja.__file__).resolve().parents[3] / "bin")):
+            # binary in that venv's bin/ (site-packages is <venv>/lib/pythonX.Y/site-packages).
+            for where in (ninja.BIN_DIR, str(Path(ninja.__file__).resolve().parents[4] / "bin")):
                 if where and Path(where, "ninja").is_file():
                     os.environ["PATH"] = where + os.pathsep + os.environ.get("PATH", "")
                     break
