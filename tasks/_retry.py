@@ -16,5 +16,9 @@ PERMANENT = (ConfigError, DataError, ModelError, TrainingError, IntegrityError, 
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    from loraflow import stopping
+
+    if stopping.requested():  # this process is being stopped: what failed, failed because of it
+        return False
     exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
     return not isinstance(exc, PERMANENT)

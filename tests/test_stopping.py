@@ -64,3 +64,39 @@ def test_a_stop_request_ends_a_local_run_within_seconds_and_leaves_no_process(
     checkpoints = list((tmp_path / "home" / "s3").rglob("checkpoint-*")) + \
         list((tmp_path / "home" / "runs").rglob("checkpoint-*"))
     assert checkpoints  # what was saved before the stop is kept
+
+
+def test_what_fails_after_a_stop_request_is_the_stop():
+    """The local store dies with the terminal's Ctrl-C: a storage failure after the request ends the
+    run as stopped (exit 130, the stage named), is not retried, and a later run starts unstopped."""
+    import tempfile
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from loraflow import stopping
+    from loraflow.errors import StorageError
+    from loraflow.storage.store import Store
+
+    sys.path.insert(0, str(ROOT))
+    from tasks._retry import retry_transient
+
+    store = Store.__new__(Store)
+    with pytest.raises(stopping.RunStopped, match="loraflow run stopped by SIGTERM during training, step 3; ") as stop:
+        with stopping.stop_on_signals("loraflow run"):
+            stopping.at("training, step 3")
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                pass  # swallowed on the way, as a thread pool's wait may
+            assert stopping.requested() == "SIGTERM"
+            assert not retry_transient(None, None, SimpleNamespace(data=StorageError("upload: unreachable")))
+            with pytest.raises(KeyboardInterrupt), store.errors("upload checkpoint-6/README.md"):
+                raise StorageError("upload checkpoint-6/README.md: cannot reach the storage endpoint")
+            raise StorageError("list s3://loraflow/checkpoints/: cannot reach the storage endpoint")
+    assert stop.value.exit_code == 130
+    with stopping.stop_on_signals("loraflow run"):
+        assert stopping.requested() == ""
+        assert retry_transient(None, None, SimpleNamespace(data=StorageError("upload: unreachable")))
+        with pytest.raises(StorageError), store.errors("x"):
+            raise OSError(28, "No space left on device", str(Path(tempfile.gettempdir()) / "x"))

@@ -130,13 +130,27 @@ def _drain_prefect_services() -> None:
             service.drain_all(timeout=5)
 
 
+_requested = ""
+
+
+def requested() -> str:
+    """The signal that asked this process to stop ("" while none has): what fails after it (the
+    local object store, in the terminal's process group, dies with the same Ctrl-C) is the stop's
+    consequence, not an outage to retry (loraflow.storage's errors say so)."""
+    return _requested
+
+
 @contextlib.contextmanager
 def stop_on_signals(what: str, kept: str = "the run is marked Crashed, checkpoints it stored are kept") -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C; either ends in RunStopped naming the stage reached and `kept`."""
-    def terminate(signum, frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    """SIGINT and SIGTERM unwind as Ctrl-C does; either ends in RunStopped naming the stage reached and `kept`."""
+    def stop(signum, frame):
+        global _requested
+        _requested = signal.Signals(signum).name
+        raise KeyboardInterrupt(_requested)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    global _requested
+    _requested = ""
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     at("")
     try:
         yield
@@ -144,5 +158,12 @@ def stop_on_signals(what: str, kept: str = "the run is marked Crashed, checkpoin
         name = str(exc) or "SIGINT"
         where = f" during {_stage}" if _stage else ""
         raise RunStopped(f"{what} stopped by {name}{where}; {kept}") from None
+    except Exception:
+        if not _requested:
+            raise
+        # Whatever failed after the request failed because of it (see requested()).
+        where = f" during {_stage}" if _stage else ""
+        raise RunStopped(f"{what} stopped by {_requested}{where}; {kept}") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

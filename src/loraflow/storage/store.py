@@ -95,7 +95,22 @@ class Store:
     def errors(self, what: str) -> Iterator[None]:
         """Every failure inside becomes one StorageError line starting with `what` (which names the
         object): the server's answer, the network, or the local disk (a full disk, a read-only
-        folder); s3transfer's wrappers are unwrapped to the cause."""
+        folder); s3transfer's wrappers are unwrapped to the cause. After a stop request
+        (loraflow.stopping) a failure is the stop's: KeyboardInterrupt, not a StorageError."""
+        from loraflow import stopping
+
+        try:
+            with self._described(what):
+                yield
+        except StorageError:
+            if stopping.requested():
+                # The local store dies with the Ctrl-C that stops this run: what fails after the
+                # request is the stop, not a storage outage for a retry to wait out.
+                raise KeyboardInterrupt(stopping.requested()) from None
+            raise
+
+    @contextmanager
+    def _described(self, what: str) -> Iterator[None]:
         from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
         from s3transfer.exceptions import RetriesExceededError as TransferRetriesExceeded
