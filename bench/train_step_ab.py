@@ -24,6 +24,8 @@ Variants:
               does (loraflow.activations); the other variants run transformers' written-out formula.
   ...-qbN     cpudrop's attention in blocks of N queries (default loraflow.dropout.QUERY_BLOCK);
               -qb0: one block of all queries over all keys (the whole [s, s] square)
+  ...-peftbranch  cpudrop with PEFT's own LoRA branch (scale, add, dropout module) instead of
+              loraflow.lora_branch's one node
   ...-unfused cpudrop's masks and attention in torch operations (loraflow.cpu_kernels' reference, the
               fallback where the C++ kernels cannot be built) instead of the fused kernels
 
@@ -77,7 +79,7 @@ def make_step(name: str, model, collator, rows):
 
     from loraflow import cpu_kernels, dropout, lm_loss
 
-    mb = int(name.split("-mb")[1]) if "-mb" in name else 1
+    mb = int(name.split("-mb")[1].split("-")[0]) if "-mb" in name else 1
     batches = [collator(rows[i:i + mb]) for i in range(0, len(rows), mb)]
     n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     lm = model.get_base_model()
@@ -96,7 +98,7 @@ def make_step(name: str, model, collator, rows):
         if "-qb" in name:
             dropout.QUERY_BLOCK = int(name.split("-qb")[1].split("-")[0]) or 1 << 30
         cpu_kernels._state["module"] = None if "-unfused" in name else fused
-        set_cpu_dropout(model, "cpudrop" in name)
+        set_cpu_dropout(model, "cpudrop" in name, "-peftbranch" not in name)
         set_fused_gelu(model, "gelu" in name)
         for m in model.modules():
             if hasattr(m, "cast_input_dtype_enabled"):
@@ -116,16 +118,26 @@ def make_step(name: str, model, collator, rows):
     return step
 
 
-def set_cpu_dropout(model, on: bool) -> None:
+def set_cpu_dropout(model, on: bool, branch: bool = True) -> None:
     """loraflow.dropout on (as training switches it) or back to torch's dropout and SDPA."""
     from torch import nn
 
     from loraflow import dropout
 
+    from loraflow.lora_branch import CpuLoraBranch
+
     if on:
         dropout.use_cpu_dropout(model)
+        if not branch:
+            for m in model.modules():
+                for name, variant in list(getattr(m, "lora_variant", {}).items()):
+                    if isinstance(variant, CpuLoraBranch):
+                        del m.lora_variant[name]
         return
     for m in model.modules():
+        for name, variant in list(getattr(m, "lora_variant", {}).items()):
+            if isinstance(variant, CpuLoraBranch):
+                del m.lora_variant[name]
         if type(m) is dropout.CpuDropout:
             m.__class__ = nn.Dropout
     base = model.get_base_model()

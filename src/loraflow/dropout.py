@@ -284,6 +284,9 @@ def use_cpu_dropout(model) -> str | None:
             # the LoRA products see the same numbers without the copies (without autocast the
             # input already has the weights' dtype and the cast did nothing).
             module.cast_input_dtype_enabled = False
+    from loraflow.lora_branch import use_cpu_lora_branch
+
+    branches = use_cpu_lora_branch(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     attention_dropout = attention_dropout_p(config)
@@ -292,11 +295,12 @@ def use_cpu_dropout(model) -> str | None:
     if switched:
         register_attention()
         base.set_attn_implementation(ATTENTION)
-    if not swapped and not switched:
+    if not swapped and not switched and not branches:
         return None
     return (f"dropout on cpu: counter-based masks, recomputed in the backward (torch's CPU bernoulli draws one "
             f"mt19937 number per element): {swapped} dropout module(s)"
             + (f", attention dropout {attention_dropout:g} outside SDPA's math kernel" if switched else "")
+            + (f", {branches} LoRA branch(es) as one node (loraflow.lora_branch)" if branches else "")
             + f"; {cpu_kernels.status()}")
 
 
