@@ -110,54 +110,61 @@ class CpuDropout(nn.Dropout):
 
 
 class _Attention(torch.autograd.Function):
-    """softmax(q k^T + bias) with dropout, times v, block of queries by block (`_blocks`); q comes
-    scaled. One function for the whole layer: its backward writes each block's gradients into the
+    """softmax(scaling * q k^T + bias) with dropout, times v, block of queries by block (`_blocks`).
+    One function for the whole layer: its backward writes each block's gradients into the
     full-size ones, where autograd would give every slice of q, k and v a zero-filled full-size
     gradient to add up, and a cat to undo."""
 
     @staticmethod
-    def forward(ctx, query, key, value, blocks, seed, kept, keep_scale):
+    def forward(ctx, query, key, value, blocks, seed, kept, keep_scale, scaling):
         # Row-major [batch x heads, tokens, head_dim] operands once per layer (q, k, v arrive as
         # strided views of the fused QKV projection): each block's operand is then a sub-matrix
-        # that bmm reads in place, plain or transposed, instead of one more copy per block.
+        # that bmm reads in place, plain or transposed, instead of one more copy per block. The
+        # queries' scale is applied in the pass that lays them out.
         b, h, q_len, d = query.shape
-        k_len = key.shape[2]
-        q = query.contiguous().view(b * h, q_len, d)
+        k_len, dv = key.shape[2], value.shape[-1]
+        q = query.new_empty(b * h, q_len, d)
+        torch.mul(query, scaling, out=q.view(b, h, q_len, d))
         k_t = key.transpose(-1, -2).contiguous().view(b * h, d, k_len)
-        v = value.contiguous().view(b * h, k_len, value.shape[-1])
-        out = q.new_empty(b * h, q_len, v.shape[-1])
+        v = value.contiguous().view(b * h, k_len, dv)
+        # The output in the [batch, tokens, heads, head_dim] layout the heads are merged from: each
+        # block's product lands there with the dropout's 1/(1-p) in one strided pass.
+        out = query.new_empty(b, q_len, h, dv)
         saved = []
         for q0, q1, k0, k1, bias in blocks:
             scores = torch.bmm(q[:, q0:q1], k_t[:, :, k0:k1]).view(b, h, q1 - q0, k1 - k0)
             probs, dropped = _softmax_dropout(scores, bias, seed, kept, (q0, k0, q_len, k_len))
             dropped = dropped.view(b * h, q1 - q0, k1 - k0)
-            out[:, q0:q1] = torch.bmm(dropped, v[:, k0:k1])
+            block = torch.bmm(dropped, v[:, k0:k1]).view(b, h, q1 - q0, dv)
+            torch.mul(block, keep_scale, out=out[:, q0:q1].transpose(1, 2))
             saved += [probs, dropped]
         ctx.save_for_backward(q, k_t, v, *saved)
-        ctx.blocks, ctx.mask, ctx.shape = [blk[:4] for blk in blocks], (seed, kept, keep_scale), (b, h)
-        return out.mul_(keep_scale).view(b, h, q_len, -1)
+        ctx.blocks, ctx.mask, ctx.shape = [blk[:4] for blk in blocks], (seed, kept, keep_scale), (b, h, scaling)
+        return out.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, grad):
         q, k_t, v, *saved = ctx.saved_tensors
         seed, kept, keep_scale = ctx.mask
-        b, h = ctx.shape
-        q_len, k_len = q.shape[1], k_t.shape[2]
-        grad = (grad * keep_scale).reshape(b * h, q_len, -1)
+        b, h, scaling = ctx.shape
+        q_len, d, k_len, dv = q.shape[1], q.shape[2], k_t.shape[2], v.shape[2]
+        g_all = q.new_empty(b * h, q_len, dv)
+        torch.mul(grad, keep_scale, out=g_all.view(b, h, q_len, dv))
         v_t = v.transpose(1, 2).contiguous()
-        grad_q = torch.empty_like(q)
+        grad_q = q.new_empty(b, q_len, h, d)  # the layout of the fused QKV projection's gradient
         grad_k_t, grad_v = torch.zeros_like(k_t), torch.zeros_like(v)
         for i, (q0, q1, k0, k1) in enumerate(ctx.blocks):
             probs, dropped = saved[2 * i], saved[2 * i + 1]
-            g = grad[:, q0:q1]
+            g = g_all[:, q0:q1]
             grad_v[:, k0:k1] += torch.bmm(dropped.transpose(1, 2), g)
             g_dropped = torch.bmm(g, v_t[:, :, k0:k1]).view(probs.shape)
             g_scores = _softmax_dropout_grad(g_dropped, probs, seed, kept, (q0, k0, q_len, k_len))
             g_scores = g_scores.view(b * h, q1 - q0, k1 - k0)
-            grad_q[:, q0:q1] = torch.bmm(g_scores, k_t[:, :, k0:k1].transpose(1, 2))
+            block = torch.bmm(g_scores, k_t[:, :, k0:k1].transpose(1, 2)).view(b, h, q1 - q0, d)
+            torch.mul(block, scaling, out=grad_q[:, q0:q1].transpose(1, 2))
             grad_k_t[:, :, k0:k1] += torch.bmm(q[:, q0:q1].transpose(1, 2), g_scores)
-        return (grad_q.view(b, h, q_len, -1), grad_k_t.view(b, h, -1, k_len).transpose(-1, -2),
-                grad_v.view(b, h, k_len, -1), None, None, None, None)
+        return (grad_q.transpose(1, 2), grad_k_t.view(b, h, -1, k_len).transpose(-1, -2),
+                grad_v.view(b, h, k_len, -1), None, None, None, None, None)
 
 
 def _softmax_dropout(scores, bias, seed: int, kept: int, place):
@@ -203,13 +210,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     # The scale goes on the queries and the dropout's 1/(1-p) on the output: [.., s, head_dim]
     # tensors instead of two more passes over the [.., s, s] scores, forward and backward.
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    query = query * scaling
     q_len, k_len = query.shape[2], key.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     blocks = _blocks(attention_mask, causal and q_len > 1, q_len, k_len, query.dtype)
     kept, keep_scale = keep_level(dropout)
     # One seed for the layer: each element's mask is a function of its place in the [q, k] square.
-    out = _Attention.apply(query, key, value, blocks, _seed(), kept, keep_scale)
+    out = _Attention.apply(query, key, value, blocks, _seed(), kept, keep_scale, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -38,15 +38,18 @@ def _fused_function():
                 total = torch.zeros((), dtype=torch.float32, device=hidden.device)
                 grad = torch.empty_like(h) if hidden.requires_grad else None
                 fused = _cpu_kernels(h)
+                # One logits buffer for every chunk (a fresh 25-50 MB tensor each chunk is a fresh
+                # mapping to fault in), the products written straight into it and into `grad`.
+                buffer = h.new_empty(min(chunk, h.shape[0]), w.shape[0]) if fused is not None else None
                 for s in range(0, h.shape[0], chunk):
                     y = targets[s:s + chunk]
                     if fused is not None:
                         # One pass over the chunk's logits in their own dtype (cpu_kernels.cpp): the
                         # same fp32 loss, and softmax - onehot written over them, rounded once.
-                        logits = h[s:s + chunk] @ w.T
+                        logits = torch.mm(h[s:s + chunk], w.T, out=buffer[:y.shape[0]])
                         total += fused.cross_entropy_(logits, y.contiguous()).sum()
                         if grad is not None:
-                            grad[s:s + chunk] = logits @ w
+                            torch.mm(logits, w, out=grad[s:s + chunk])
                         continue
                     logits = (h[s:s + chunk] @ w.T).float()
                     # One pass each for the max, exp and sum, all in place on the chunk (logsumexp
