@@ -91,9 +91,12 @@ def _shr(z, n: int):
 
 
 def keep(seed: int, index, kept: int):
-    """bool tensor: element `index` (int64 tensor) kept under (seed, kept), as the kernels decide."""
-    z = (index + 1) * _signed(_GOLDEN) + _signed(seed % (1 << 64))
+    """bool tensor: element `index` (int64 tensor) kept under (seed, kept), as the kernels decide:
+    its 32-bit word, the low (even index) or high (odd) half of mix(seed, index // 2), below `kept`."""
+    z = ((index >> 1) + 1) * _signed(_GOLDEN) + _signed(seed % (1 << 64))
     z = (z ^ _shr(z, 30)) * _signed(_M1)
     z = (z ^ _shr(z, 27)) * _signed(_M2)
     z = z ^ _shr(z, 31)
-    return _shr(z, 32) < kept
+    import torch
+
+    return torch.where((index & 1) == 1, _shr(z, 32), z & 0xFFFFFFFF) < kept
