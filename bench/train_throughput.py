@@ -30,6 +30,10 @@ measured from each stack's own rows. MFU = useful tokens/s * FLOPs per token / t
 peak (--peak-tflops; H100/H200 SXM: 989 TFLOP/s). On a CPU the rate is set against a matrix product
 in the precision loraflow trained in, measured in the same run before and after the steps; fp32 and
 bf16 are both measured, so a CPU with native bf16 shows its gain and one without shows the trap.
+Each loraflow turn is also set against the product measured just before and just after it (the
+workers idle), and the median of those turn-by-turn ratios is reported: a CPU's own speed moves
+within a run (a shared host), and a best-of-two measure taken minutes away from the steps does not
+follow it; a run where the product moved over 10% between before and after is flagged UNSTEADY.
 
 --precision sets loraflow's training.precision (default auto: bf16 on a CPU with native bf16, else
 fp32). --compare-precision adds a loraflow stack in the other one (fp32 when loraflow's resolves to
@@ -348,6 +352,7 @@ class Live:
             [sys.executable, __file__, "--worker", which_worker or which, "--micro-batch", str(micro_batch), *common],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
         self.turns: list[float] = []
+        self.gemm: list[float] = []  # cpu, loraflow stacks: the product's rate around each turn
         self.result: dict = {}
 
     def _read(self, prefix: str) -> str:
@@ -454,12 +459,21 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
         s.wait_ready()
     print(f"   measuring matrix-product rates ({', '.join(gemm_rates_names(args.device))})", flush=True)
     gemm_before = gemm_rates(args.device)
+    # On a CPU the machine's own rate moves within a run (this EPYC's bf16 product: 913 before and
+    # 760 GFLOP/s after the steps of one run): each loraflow turn is also set against the product
+    # in its precision measured just before and just after it (all workers idle), turn by turn.
+    around = {}
+    if args.device == "cpu":
+        around = {stacks[1].name: loraflow_precision(args), **({stacks[-1].name: other} if other else {})}
     try:
         for t in range(n_turns):
             order = stacks if t % 2 == 0 else stacks[::-1]  # neither always goes first
             line = "   turn %d/%d:" % (t + 1, n_turns)
             for s in order:
+                before = gemm_gflops(args.device, around[s.name]) if s.name in around else None
                 line += f"  {s.name} {s.turn():.2f} s/step"
+                if before is not None:
+                    s.gemm.append((before + gemm_gflops(args.device, around[s.name])) / 2)
             print(line, flush=True)
         print("   measuring matrix-product rates again, then each stack evaluates its adapter", flush=True)
         gemm_after = gemm_rates(args.device)
@@ -538,6 +552,18 @@ def compare(arch: str, model_dir: Path, args, log_dir: Path) -> list[str]:
             best = best_rate(used)
             out.append(f"{'':<20}{s.name} trained in {used}: model FLOP rate {rate:.1f} GFLOP/s = {rate / best:.0%} of "
                        f"the faster {used} matrix product")
+            if s.gemm:
+                per_turn = [s.result["useful_tokens_per_step"] * s.result["flops_per_token"] / 1e9 / sec / g
+                            for sec, g in zip(s.turns[1:] or s.turns, s.gemm[1:] or s.gemm)]
+                out.append(f"{'':<20}{'':<{len(s.name)}} turn by turn, against the {used} product measured around "
+                           f"each turn ({min(s.gemm[1:] or s.gemm):.0f}..{max(s.gemm[1:] or s.gemm):.0f} GFLOP/s): "
+                           f"{statistics.median(per_turn):.0%} median ({min(per_turn):.0%} .. {max(per_turn):.0%} "
+                           f"over {len(per_turn)} turns)")
+        moved = {p: abs(gemm_after[p] - gemm_before[p]) / max(gemm_before[p], gemm_after[p]) for p in gemm_before}
+        if max(moved.values()) > 0.10:
+            p = max(moved, key=moved.get)
+            out.append(f"{'':<20}UNSTEADY: the {p} matrix product moved {moved[p]:.0%} between before and after: the "
+                       "machine's own speed changed during the run; read the turn-by-turn rate")
     else:
         out.append(f"{'':<20}MFU against {peak if peak else '?'} TFLOP/s dense bf16 "
                    f"({'--peak-tflops' if args.peak_tflops else 'by device name'}); bf16 matrix product measured "

@@ -27,6 +27,8 @@ CUDA keeps torch's dropout (Philox, fused in the kernels): this is for the CPU o
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -57,11 +59,12 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int | None = 
     """A bool mask keeping each element with probability 1 - p (to 2^-32), and the survivors' scale:
     the mask `cpu_dropout` applies to a tensor of this shape with this seed."""
     kept, scale = keep_level(p)
-    seed = _seed() if seed is None else seed
-    n = 1
-    for d in shape:
-        n *= d
-    return cpu_kernels.keep(seed, torch.arange(n), kept).view(shape), scale
+    return _mask(shape, _seed() if seed is None else seed, kept), scale
+
+
+def _mask(shape, seed: int, kept: int) -> torch.Tensor:
+    """The kernels' mask of a tensor of this shape, element by element in memory order."""
+    return cpu_kernels.keep(seed, torch.arange(math.prod(shape)), kept).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
@@ -86,7 +89,7 @@ def _apply(x: torch.Tensor, seed: int, kept: int, scale: float) -> torch.Tensor:
 
 def _apply_reference(x: torch.Tensor, seed: int, kept: int, scale: float) -> torch.Tensor:
     """What the kernel computes, in torch operations: the product in fp32, rounded once to x's dtype."""
-    mask = cpu_kernels.keep(seed, torch.arange(x.numel()), kept).view(x.shape)
+    mask = _mask(x.shape, seed, kept)
     return (x.float() * (mask.float() * torch.tensor(scale, dtype=torch.float32))).to(x.dtype)
 
 
