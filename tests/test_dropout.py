@@ -214,6 +214,7 @@ def test_a_cpu_training_run_uses_the_masks_and_says_so(train_on_and_off):
         assert len(lines) == (1 if on == "true" else 0), lines
         if on == "true":
             assert "attention dropout 0.1" in lines[0] and "fused cpu dropout kernels" in lines[0], lines[0]
+            assert "6 LoRA branch(es) as one node" in lines[0], lines[0]  # 2 layers x c_attn, c_proj x 2
     results = {on: result for on, (result, _) in runs.items()}
     for r in results.values():
         history = [h["loss"] for h in _history(r.history_path)]
