@@ -163,8 +163,9 @@ class TrainingSettings(_Section):
     cpu_dropout: bool = Field(
         True,
         description=("On a CPU, dropout with counter-based masks computed inside fused kernels "
-                     "(loraflow.dropout, loraflow.cpu_kernels), attention dropout included: the same drop rate "
-                     "(to 2^-32) and mean, a different random stream. false: torch's dropout. No effect on a GPU."))
+                     "(loraflow.dropout, loraflow.cpu_kernels), attention dropout included, and each LoRA branch "
+                     "as one autograd node (loraflow.lora_branch): the same drop rate (to 2^-32) and mean, a "
+                     "different random stream. false: torch's dropout and PEFT's branch. No effect on a GPU."))
     logging_steps: int = Field(25, gt=0, json_schema_extra=role("inert"))
     save_strategy: Literal["steps", "epoch", "no"] = Field("steps", json_schema_extra=role("inert"))
 
