@@ -9,7 +9,9 @@ auto precision. Reported: each run's train_time_s and the medians after the firs
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +33,8 @@ def main() -> None:
     from loraflow.demo.tiny_models import make_gpt2_model_dir
     from loraflow.training import train_adapter
 
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # ~0.6 GB a run (model, data, LORAFLOW_HOME)
     os.environ["LORAFLOW_HOME"] = str(tmp / "home")
     model_dir, data_dir = make_gpt2_model_dir(tmp / args.arch, args.arch), write_reviews(tmp / "data")
     times: dict[str, list[float]] = {"true": [], "false": []}

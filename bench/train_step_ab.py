@@ -38,6 +38,8 @@ The demo's shape (the model directory `loraflow assets demo` or `make demo` buil
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import statistics
 import sys
 import tempfile
@@ -57,7 +59,8 @@ def setup(arch: str, max_length: int, precision: str, model_path: str | None = N
     from loraflow.data import PackedCollator, prepare_dataset
     from loraflow.demo.tiny_models import make_gpt2_model_dir
 
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(tempfile.mkdtemp(prefix="loraflow-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # ~0.6 GB a run (model, data, LORAFLOW_HOME)
     model_dir = Path(model_path).expanduser() if model_path else make_gpt2_model_dir(tmp / arch, arch)
     import os
 
