@@ -14,6 +14,7 @@ from typing import Any
 from loraflow.errors import ConfigError, LoraflowError
 
 POLL_S = 2.0
+DRAIN_S = 15.0  # the longest a finished run's last log lines are waited for
 
 
 def deployment_parameters(config, overrides: list[str], deployment_parameters: dict[str, Any]) -> dict[str, Any]:
@@ -242,6 +243,11 @@ async def _submit_and_follow(config, overrides: list[str], deployment_name: str,
         waits = Waits(client, run.id, ((parameters["settings"].get("registry") or {}).get("adapter_name")))
         seen: set = set()
         noise = 0
+        # The run's own process ships its log lines in batches (Prefect's logging.to_api.batch_interval)
+        # and sends the last one after it has set the final state: once the state is final, the logs
+        # are read until a poll a whole batch interval later brings nothing new (at most DRAIN_S).
+        ship_s = get_current_settings().logging.to_api.batch_interval
+        final_at = None
 
         def say(text: str) -> None:
             print(f"{time.strftime('%H:%M:%S')} loraflow.submit: {text}", file=sys.stderr, flush=True)
@@ -253,9 +259,11 @@ async def _submit_and_follow(config, overrides: list[str], deployment_name: str,
             ids = [run.id, *[c.id for c in children]]
             logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)),
                                           sort=LogSort.TIMESTAMP_ASC)
+            fresh = 0
             for line in logs:
                 if line.id not in seen:
                     seen.add(line.id)
+                    fresh += 1
                     if _is_noise(line):
                         noise += 1
                         log.debug("%s: %s", line.name, line.message)
@@ -266,7 +274,12 @@ async def _submit_and_follow(config, overrides: list[str], deployment_name: str,
                     print(f"{stamp} {line.name}: {line.message}", file=sys.stderr, flush=True)
             state = current.state
             if state is not None and state.is_final():
-                break
+                now = time.monotonic()
+                final_at = final_at or now
+                if (not fresh and now - final_at >= ship_s + POLL_S) or now - final_at > DRAIN_S:
+                    break
+                await asyncio.sleep(POLL_S)
+                continue
             for text in await waits.check([current, *children]):
                 say(text)
             await asyncio.sleep(POLL_S)
