@@ -127,20 +127,14 @@ def set_cpu_dropout(model, on: bool, branch: bool = True) -> None:
 
     from loraflow import dropout
 
-    from loraflow.lora_branch import CpuLoraBranch
+    from loraflow.lora_branch import use_cpu_lora_branch
 
     if on:
         dropout.use_cpu_dropout(model)
-        if not branch:
-            for m in model.modules():
-                for name, variant in list(getattr(m, "lora_variant", {}).items()):
-                    if isinstance(variant, CpuLoraBranch):
-                        del m.lora_variant[name]
+        use_cpu_lora_branch(model, branch)
         return
+    use_cpu_lora_branch(model, False)
     for m in model.modules():
-        for name, variant in list(getattr(m, "lora_variant", {}).items()):
-            if isinstance(variant, CpuLoraBranch):
-                del m.lora_variant[name]
         if type(m) is dropout.CpuDropout:
             m.__class__ = nn.Dropout
     base = model.get_base_model()

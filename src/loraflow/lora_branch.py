@@ -96,7 +96,8 @@ class CpuLoraBranch(LoraVariant):
         # CopySlices (two more copies of the gradient); the whole base tensor is changed instead.
         target = result if result._base is None else result._base
         if (not module.training or not torch.is_grad_enabled() or x.device.type != "cpu" or lora_b.bias is not None
-                or result.dtype != x.dtype or not target.is_contiguous() or target.numel() != result.numel()
+                or result.dtype != x.dtype or not result.is_contiguous() or not target.is_contiguous()
+                or target.numel() != result.numel() or target.data_ptr() != result.data_ptr()
                 or (dropping and (not isinstance(drop, dropout.CpuDropout) or dropout.keep_level(drop.p)[0] <= 0))):
             return result + lora_b(lora_a(drop(x))) * scaling
         # One draw from torch's generator, as CpuDropout makes: the same mask as the module gives.
@@ -104,18 +105,22 @@ class CpuLoraBranch(LoraVariant):
         return _Branch.apply(target, x, lora_a.weight, lora_b.weight, scaling, mask).view(result.shape)
 
 
-def use_cpu_lora_branch(model) -> int:
+def use_cpu_lora_branch(model, on: bool = True) -> int:
     """Give every vanilla LoRA linear layer of `model` (PEFT's lora.Linear, adapters without a variant)
-    the CpuLoraBranch variant; returns how many layers have it."""
+    the CpuLoraBranch variant, or take it away again (`on=False`: PEFT's own expression, as an A/B
+    needs); returns how many layers were changed."""
     from peft.tuners.lora.layer import Linear
 
     count = 0
     for module in model.modules():
         if not isinstance(module, Linear):
             continue
-        for name in module.lora_A:
+        for name in list(module.lora_A):
             variant = module.lora_variant.get(name)
-            if variant is None or isinstance(variant, CpuLoraBranch):
+            if on and (variant is None or isinstance(variant, CpuLoraBranch)):
                 module.lora_variant[name] = CpuLoraBranch()
+                count += 1
+            elif not on and isinstance(variant, CpuLoraBranch):
+                del module.lora_variant[name]
                 count += 1
     return count
